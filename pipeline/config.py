@@ -1,0 +1,364 @@
+"""The one config definition shared by the CLI, the MLproject and Optuna.
+
+Every field has a globally unique name, so ``calib_lang=zh`` on the command line, the
+MLproject parameter ``calib_lang`` and the MLflow param ``calib_lang`` are the same key.
+Fields are grouped in frozen per-stage dataclasses; :class:`Config` holds one of each.
+Validation runs in ``__post_init__``, before any model or data is loaded, and raises
+:class:`~pipeline.errors.LangpruneError` with one clear line.
+
+Defaults are the *embedded default* budgets (Gemma 3 270M on a 2-core laptop, the main job
+in under 10 minutes). For the paper's setting (Llama-3-8B, mC4) use ``n_samples=128
+seq_len=2048``; see README "Choices".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import LangpruneError
+from pipeline.registry import suggest
+
+DEFAULT_MODEL = "gemma-3-270m"
+REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+METHODS = ("magnitude", "wanda", "sparsegpt")  # kept in sync with PRUNERS by a contract test
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """Parse ``'N:M'`` into ``(n, m)``; ``'unstructured'`` gives ``(0, 0)``."""
+    if pattern == "unstructured":
+        return 0, 0
+    match = _NM.match(pattern)
+    if not match:
+        raise LangpruneError(
+            f"malformed pattern {pattern!r}: use 'unstructured' or 'N:M' such as '2:4'"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if m < 1 or n < 1 or n >= m:
+        raise LangpruneError(f"pattern {pattern!r}: N:M needs 0 < N < M (N pruned of every M)")
+    return n, m
+
+
+def parse_blend(spec: str) -> dict[str, float]:
+    """Parse ``'de:0.5,en:0.5'`` into ``{'de': 0.5, 'en': 0.5}`` (order kept, no checks)."""
+    blend: dict[str, float] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lang, sep, weight = part.partition(":")
+        if not sep:
+            raise LangpruneError(f"malformed blend item {part!r}: use lang:weight, e.g. de:0.5")
+        lang = lang.strip()
+        if lang in blend:
+            raise LangpruneError(f"blend names {lang!r} twice")
+        try:
+            blend[lang] = float(weight)
+        except ValueError:
+            raise LangpruneError(f"blend weight for {lang!r} is not a number: {weight!r}") from None
+    if not blend:
+        raise LangpruneError(f"empty blend {spec!r}")
+    return blend
+
+
+def format_blend(blend: dict[str, float]) -> str:
+    """Canonical blend string: languages sorted, weights in canonical float form."""
+    return ",".join(f"{k}:{canonical(v)}" for k, v in sorted(blend.items()))
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _check_langs(codes: list[str], what: str) -> None:
+    from pipeline.data.languages import get_language  # lazy: keeps config import light
+
+    for code in codes:
+        get_language(code)  # raises LangpruneError with suggestions
+    if not codes:
+        raise LangpruneError(f"{what} is empty")
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    model: str = DEFAULT_MODEL  # embedded alias | hub id | local HF folder | .gguf file
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "float32"  # weights/activations; statistics are always float32
+    offload: bool = False  # keep the model on CPU, move one decoder layer at a time
+    trust_remote_code: bool = False  # never on unless the user asks
+    model_cache: str = ""  # "" = $LANGPRUNE_CACHE or ~/.cache/langprune (never in the repo)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise LangpruneError("model is empty")
+        if self.device not in DEVICES and not re.match(r"^cuda:\d+$", self.device):
+            raise LangpruneError(f"unknown device {self.device!r}; known: {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise LangpruneError(
+                f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}"
+                f"{suggest(self.dtype, list(DTYPES))}"
+            )
+
+
+@dataclass(frozen=True)
+class CalibCfg:
+    calib_lang: str = "en"  # the blend {calib_lang: 1.0} unless calib_blend is set
+    calib_blend: str = ""  # "de:0.5,en:0.5"; overrides calib_lang
+    normalize_blend: bool = False  # rescale weights that do not sum to 1 (else: error)
+    calib_set: int = 0  # which of the disjoint calibration sets of each language
+    calib_source: str = "ntrex"  # ntrex | wmt | tico19 | tydiqa | mc4 (hub)
+    n_samples: int = 32  # windows; paper: 128 (embedded default budget, see README)
+    seq_len: int = 256  # tokens per window; paper: 2048. Never taken from the model config
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise LangpruneError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.seq_len < 2:
+            raise LangpruneError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.calib_set < 0:
+            raise LangpruneError(f"calib_set must be >= 0, got {self.calib_set}")
+        self.blend  # validates weights and languages
+
+    @property
+    def blend(self) -> dict[str, float]:
+        """The calibration blend, validated; sorted by language code."""
+        raw = parse_blend(self.calib_blend) if self.calib_blend else {self.calib_lang: 1.0}
+        _check_langs(list(raw), "calibration blend")
+        for lang, w in raw.items():
+            if not math.isfinite(w) or w < 0:
+                raise LangpruneError(f"blend weight for {lang!r} must be finite and >= 0, got {w}")
+        total = sum(raw.values())
+        if total <= 0:
+            raise LangpruneError("blend weights are all zero")
+        if abs(total - 1.0) > 1e-6:
+            if not self.normalize_blend:
+                raise LangpruneError(
+                    f"blend weights sum to {total:g}, not 1; fix them or set normalize_blend=true"
+                )
+            raw = {k: v / total for k, v in raw.items()}
+        return {k: raw[k] for k in sorted(raw) if raw[k] > 0}
+
+    @property
+    def blend_label(self) -> str:
+        """Short readable label: 'zh' for a single language, else the canonical blend."""
+        b = self.blend
+        return next(iter(b)) if len(b) == 1 else format_blend(b)
+
+
+@dataclass(frozen=True)
+class PruneCfg:
+    method: str = "wanda"  # key in pipeline.pruners.PRUNERS
+    sparsity: float = 0.5  # fraction of weights pruned per matrix (unstructured)
+    pattern: str = "unstructured"  # or N:M, e.g. 2:4
+    true_sequential: bool = False  # re-run between attention and MLP groups
+    sparsegpt_blocksize: int = 128  # columns per OBS block (SparseGPT paper)
+    sparsegpt_percdamp: float = 0.01  # damping as a fraction of mean(diag H)
+    capture_batch_size: int = 8  # calibration windows per forward pass
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LangpruneError(
+                f"unknown method {self.method!r}; known: {', '.join(METHODS)}"
+                f"{suggest(self.method, list(METHODS))}"
+            )
+        if not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity)):
+            raise LangpruneError(f"sparsity must be a number in [0, 1), got {self.sparsity}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise LangpruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        n, m = parse_nm(self.pattern)
+        if m and abs(self.sparsity - n / m) > 1e-9:
+            raise LangpruneError(
+                f"pattern {self.pattern} implies sparsity {n / m:g}, but sparsity={self.sparsity:g};"
+                f" set sparsity={n / m:g}"
+            )
+        if self.sparsegpt_blocksize < 1:
+            raise LangpruneError("sparsegpt_blocksize must be >= 1")
+        if not (math.isfinite(self.sparsegpt_percdamp) and self.sparsegpt_percdamp > 0):
+            raise LangpruneError("sparsegpt_percdamp must be > 0")
+        if self.capture_batch_size < 1:
+            raise LangpruneError("capture_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    eval_langs: str = ",".join(REQUIRED_LANGS)  # comma-separated language codes
+    eval_source: str = "flores"  # flores (bundled devtest) | flores_hub
+    eval_tokens: int = 2048  # token budget per language for perplexity; 0 = all text
+    eval_seq_len: int = 512  # perplexity window (non-overlapping)
+    eval_batch_size: int = 4
+    tasks: str = "sib200,xnli,belebele"  # bundled suite; any lm-eval task name also works
+    limit: int = 8  # documents per task and language; 0 = all
+    num_fewshot: int = 0
+
+    def __post_init__(self) -> None:
+        _check_langs(self.eval_lang_list, "eval_langs")
+        for name, v in (("eval_tokens", self.eval_tokens), ("limit", self.limit)):
+            if v < 0:
+                raise LangpruneError(f"{name} must be >= 0, got {v}")
+        if self.eval_seq_len < 2:
+            raise LangpruneError(f"eval_seq_len must be >= 2, got {self.eval_seq_len}")
+        if self.eval_batch_size < 1:
+            raise LangpruneError("eval_batch_size must be >= 1")
+
+    @property
+    def eval_lang_list(self) -> list[str]:
+        return split_list(self.eval_langs)
+
+    @property
+    def task_list(self) -> list[str]:
+        return split_list(self.tasks)
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    seed: int = 0  # every RNG in a run derives from this
+    experiment: str = "langprune"  # MLflow experiment name
+    run_name: str = ""  # "" = readable default, e.g. wanda-0.5-zh-set0
+    force: bool = False  # re-run even when a finished run has the same config
+    output_dir: str = "outputs"  # local scratch for artifacts before they are logged
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelCfg,
+    "calib": CalibCfg,
+    "prune": PruneCfg,
+    "eval": EvalCfg,
+    "run": RunCfg,
+}
+
+# Fields that describe *how* a run is executed, not *what* it computes: excluded from the
+# config hash, so a run on cuda reuses an identical run on cpu only if the user says so.
+NON_IDENTITY = frozenset({"force", "run_name", "output_dir", "experiment", "model_cache"})
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    calib: CalibCfg = field(default_factory=CalibCfg)
+    prune: PruneCfg = field(default_factory=PruneCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """Every flat key -> (section name, dataclass field)."""
+        out: dict[str, tuple[str, dataclasses.Field]] = {}
+        for sec, typ in SECTIONS.items():
+            for f in fields(typ):
+                assert f.name not in out, f"duplicate config key {f.name}"
+                out[f.name] = (sec, f)
+        return out
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any] | None = None, base: Config | None = None):
+        """Build a config from flat ``key -> value`` overrides (strings are parsed)."""
+        keys = cls.keys()
+        per_sec: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        for key, value in (overrides or {}).items():
+            if key not in keys:
+                raise LangpruneError(f"unknown config key {key!r}{suggest(key, list(keys))}")
+            sec, f = keys[key]
+            per_sec[sec][key] = _coerce(key, value, f)
+        built = {
+            sec: typ(**per_sec[sec])
+            if base is None
+            else dataclasses.replace(getattr(base, sec), **per_sec[sec])
+            for sec, typ in SECTIONS.items()
+        }
+        return cls(**built)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+        """Load a flat YAML mapping of keys (same names as overrides), then apply overrides."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise LangpruneError(f"cannot read config {path}: {e.strerror}") from None
+        if not isinstance(data, dict):
+            raise LangpruneError(f"config {path} must be a mapping of key: value")
+        return cls.from_overrides({**data, **(overrides or {})})
+
+    def replace(self, **overrides: Any) -> Config:
+        return Config.from_overrides(overrides, base=self)
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_flat(self) -> dict[str, str]:
+        """The canonical flat form: every key -> its canonical string (MLflow params)."""
+        flat: dict[str, str] = {}
+        for sec in SECTIONS:
+            for f in fields(SECTIONS[sec]):
+                flat[f.name] = canonical(getattr(getattr(self, sec), f.name))
+        return dict(sorted(flat.items()))
+
+    def identity(self) -> dict[str, str]:
+        """The flat form without execution-only keys; equal identity = same experiment."""
+        flat = {k: v for k, v in self.to_flat().items() if k not in NON_IDENTITY}
+        # calib_blend overrides calib_lang: store the resolved blend so that
+        # calib_lang=zh and calib_blend=zh:1 hash the same.
+        flat["calib_blend"] = format_blend(self.calib.blend)
+        flat["calib_lang"] = self.calib.blend_label
+        return flat
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(
+            {k: getattr(getattr(self, s), k) for k, (s, _) in self.keys().items()},
+            sort_keys=True,
+            allow_unicode=True,
+        )
+
+
+def canonical(value: Any) -> str:
+    """The one serializer of config values to strings (MLflow params are strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(float(value)) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Turn an override (often a string from argv/MLproject) into the field's type."""
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise LangpruneError(f"{key}: cannot read {value!r} as {typ}") from None

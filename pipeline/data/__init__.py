@@ -1,0 +1,1 @@
+"""Bundled and hub data: language registry, text sources, calibration sampler."""

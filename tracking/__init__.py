@@ -1,0 +1,1 @@
+"""Everything MLflow and Optuna storage: params, runs, logging, reuse."""
