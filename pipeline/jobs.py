@@ -1,0 +1,156 @@
+"""Entry-point jobs: the tracked ``main`` (prune + evaluate) and ``dense`` baseline runs.
+
+A job validates everything cheap first (config, tracking store, output folder), reuses a
+finished run with the same canonical config and code version unless ``force``, and only then
+loads the model. The dense baseline is evaluated once per model and evaluation config and
+reused by every pruned run (``ppl_ratio.<lang>`` compares against it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from pipeline import stages
+from pipeline.config import Config
+from pipeline.errors import LangpruneError
+from tracking import params as P
+from tracking import runs as R
+from tracking.logging import log_eval, log_prune, log_run_start
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    reused: bool
+    metrics: dict[str, float]
+
+
+def preflight(cfg: Config) -> str:
+    """Cheap checks before any heavy work; returns the experiment id."""
+    R.check_tracking_reachable()
+    out = Path(cfg.run.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LangpruneError(f"output_dir {out} is not writable: {e.strerror}") from None
+    if cfg.eval.task_list:
+        from pipeline.evaluate.lm_eval_runner import validate_tasks
+
+        validate_tasks(cfg.eval.task_list, cfg.eval.eval_lang_list)
+    exp_id = R.experiment_id(cfg.run.experiment)
+    R.reap_stale_runs(exp_id)
+    return exp_id
+
+
+def _reuse(exp_id: str, config_hash: str, name: str) -> str | None:
+    _, _, code = P.code_version()
+    found = R.find_complete_run(exp_id, config_hash, code)
+    if found is None:
+        return None
+    log.info("reusing finished run %s (%s); pass force=true to run again", found, name)
+    print(f"reusing finished run {found} ({name})")
+    if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` created points at the result
+        wrapper = R.attach_or_create(exp_id, f"reused-{name}", {P.TAG_KIND: "reuse"})
+        wrapper.set_tags({P.TAG_REUSED: found})
+        wrapper.finish(state="reused")
+    return found
+
+
+def _load(cfg: Config):
+    from pipeline.loading import load_model
+
+    loaded = load_model(cfg.model)
+    stages.check_model_fits(cfg, loaded.max_length)
+    return loaded
+
+
+def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tuple[str, Any]:
+    """Evaluate the unpruned model once per model + evaluation config; reuse it after.
+
+    Returns ``(run_id, EvalReport or None)``; the report is None when a finished dense run
+    was reused (its metrics are then read from the store).
+    """
+    exp_id = R.experiment_id(cfg.run.experiment)
+    name = P.run_name(cfg, "dense")
+    if not cfg.run.force and (found := _reuse(exp_id, P.dense_hash(cfg), name)):
+        return found, None
+    loaded = loaded or _load(cfg)
+    tags = P.run_tags(cfg, "dense", str(loaded.device), entry_point)
+    run = R.attach_or_create(exp_id, name, tags) if entry_point == "dense" else R.TrackedRun(
+        R.new_run(exp_id, name, tags)
+    )
+    with R.run_guard(run):
+        log_run_start(run, cfg, dense=True)
+        report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
+                                 loaded.max_length)
+        log_eval(run, cfg, report, dense=None)
+        run.log_metrics(_peak_memory(loaded.device))
+        run.finish()
+    print(f"dense baseline run {run.run_id} ({name})")
+    return run.run_id, report
+
+
+def dense_metrics(run_id: str) -> dict[str, float]:
+    return dict(R.client().get_run(run_id).data.metrics)
+
+
+def run_main(cfg: Config, entry_point: str = "main") -> JobResult:
+    """Prune with the calibration blend, evaluate every language, log it all."""
+    exp_id = preflight(cfg)
+    name = P.run_name(cfg)
+    if not cfg.run.force and (found := _reuse(exp_id, cfg.config_hash(), name)):
+        return JobResult(found, True, dense_metrics(found))
+    run = R.attach_or_create(exp_id, name, P.run_tags(cfg, "pruned", "pending", entry_point))
+    with R.run_guard(run):
+        log_run_start(run, cfg, dense=False)
+        run.start_system_metrics()
+        loaded = _load(cfg)
+        run.set_tags({P.TAG_DEVICE: str(loaded.device)})
+        calib = stages.calibrate(cfg, loaded.tokenizer)
+        dense_id, dense_report = run_dense(cfg, loaded, entry_point="main")
+        run.set_tags({P.TAG_DENSE: dense_id})
+        dense_ppl = (dense_report.ppl if dense_report is not None
+                     else _ppl_from_metrics(dense_id))
+        t0 = time.perf_counter()
+        result = stages.prune(cfg, loaded.model, calib.windows, loaded.device)
+        prune_s = time.perf_counter() - t0
+        log_prune(run, cfg, calib, result, prune_s, Path(cfg.run.output_dir) / run.run_id)
+        report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
+                                 loaded.max_length)
+        metrics = log_eval(run, cfg, report, dense=dense_ppl)
+        run.log_metrics(_peak_memory(loaded.device))
+        run.finish()
+    print(f"finished run {run.run_id} ({name})")
+    return JobResult(run.run_id, False, metrics)
+
+
+def _ppl_from_metrics(run_id: str) -> dict[str, float]:
+    m = dense_metrics(run_id)
+    return {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("ppl.")}
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    out = {"memory.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["memory.peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def calibration_frame(manifest: dict[str, Any]) -> pd.DataFrame:
+    """One row per calibration window (language, source, documents, token offset)."""
+    rows = manifest.get("windows", [])
+    return pd.DataFrame(rows) if rows else pd.DataFrame({"language": []})

@@ -1,0 +1,146 @@
+"""The three stages of a run as plain functions: calibrate, prune, evaluate.
+
+They know nothing of MLflow: they take the config and an in-memory model and return report
+objects; :mod:`pipeline.jobs` logs those reports through :mod:`tracking`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, parse_nm
+from pipeline.errors import LangpruneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    """Per-language perplexity / bits per byte and task scores of one model."""
+
+    ppl: dict[str, float]
+    bpb: dict[str, float]
+    ppl_details: dict[str, dict[str, Any]]  # n_tokens, n_windows, n_bytes, definition per lang
+    tasks: dict[str, float]  # "<task>.<lang>" -> score
+    task_results: dict[str, Any] | None  # the full lm-eval results JSON
+    skipped_tasks: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def metrics(self, dense_ppl: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Flat MLflow metrics; with the dense baseline's ppl also ``ppl_ratio.<lang>``."""
+        out: dict[str, float] = {}
+        for lang, v in self.ppl.items():
+            out[f"ppl.{lang}"] = v
+            out[f"bpb.{lang}"] = self.bpb[lang]
+            if dense_ppl is not None and lang in dense_ppl:
+                out[f"ppl_ratio.{lang}"] = v / dense_ppl[lang]
+        out.update(self.tasks)
+        out["time.eval_s"] = self.wall_s
+        return out
+
+
+def check_model_fits(cfg: Config, max_length: int | None) -> None:
+    """seq_len / eval_seq_len must not exceed what the model allows (checked before work)."""
+    if max_length is None:
+        return
+    for key, value in (("seq_len", cfg.calib.seq_len), ("eval_seq_len", cfg.eval.eval_seq_len)):
+        if value > max_length:
+            raise LangpruneError(f"{key}={value} is longer than the model allows ({max_length})")
+
+
+def calibrate(cfg: Config, tokenizer: Any):
+    """Token windows of the calibration blend (see :mod:`pipeline.data.sampler`)."""
+    from pipeline.data.sampler import build_calibration
+
+    return build_calibration(tokenizer, cfg.calib, seed=cfg.run.seed)
+
+
+def prune(
+    cfg: Config,
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    on_layer_done: Callable[..., None] | None = None,
+    progress: bool = True,
+):
+    """Prune ``model`` in place, layer by layer; returns the engine's PruneResult."""
+    from pipeline.capture import prune_layerwise
+    from pipeline.pruners import SparsityTarget
+
+    p = cfg.prune
+    n, m = parse_nm(p.pattern)
+    target = SparsityTarget(sparsity=p.sparsity, n=n, m=m)
+    t0 = time.perf_counter()
+    result = prune_layerwise(
+        model,
+        windows,
+        p.method,
+        target,
+        device=device,
+        offload=cfg.model.offload,
+        true_sequential=p.true_sequential,
+        batch_size=p.capture_batch_size,
+        on_layer_done=on_layer_done,
+        progress=progress,
+        sparsegpt_blocksize=p.sparsegpt_blocksize,
+        sparsegpt_percdamp=p.sparsegpt_percdamp,
+    )
+    log.info("pruned with %s in %.1f s", p.method, time.perf_counter() - t0)
+    return result
+
+
+def evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.device,
+             max_length: int | None = None, progress: bool = True) -> EvalReport:
+    """Perplexity and bits per byte per evaluation language, then the lm-eval tasks."""
+    from pipeline.data.sources import load_eval_sentences
+    from pipeline.evaluate.perplexity import evaluate_perplexity
+
+    e = cfg.eval
+    t0 = time.perf_counter()
+    ppl, bpb, details = {}, {}, {}
+    for lang in e.eval_lang_list:
+        res = evaluate_perplexity(
+            model,
+            tokenizer,
+            load_eval_sentences(e.eval_source, lang),
+            seq_len=e.eval_seq_len,
+            token_budget=e.eval_tokens,
+            batch_size=e.eval_batch_size,
+            device=device,
+            progress=progress,
+        )
+        ppl[lang], bpb[lang] = res.ppl, res.bpb
+        details[lang] = {
+            "n_tokens": res.n_tokens,
+            "n_windows": res.n_windows,
+            "n_bytes": res.n_bytes,
+            "definition": res.definition,
+        }
+        log.info("%s: ppl %.3f, bpb %.4f (%d tokens)", lang, res.ppl, res.bpb, res.n_tokens)
+    tasks: dict[str, float] = {}
+    results_json = None
+    skipped: list[str] = []
+    if e.task_list:
+        from pipeline.evaluate.lm_eval_runner import run_tasks
+
+        tr = run_tasks(
+            model,
+            tokenizer,
+            e.task_list,
+            e.eval_lang_list,
+            limit=e.limit or None,
+            num_fewshot=e.num_fewshot,
+            batch_size=e.eval_batch_size,
+            device=device,
+            max_length=max_length,
+        )
+        tasks, results_json = tr.scores, tr.results_json
+        skipped = list(getattr(tr, "skipped", []))
+    return EvalReport(ppl, bpb, details, tasks, results_json, skipped,
+                      wall_s=time.perf_counter() - t0)

@@ -1,0 +1,88 @@
+"""MLproject <-> config contract: every entry-point parameter is a config key with the same
+default, appears in its command, and really reaches the Config built by the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.projects._project_spec import load_project
+
+from pipeline.cli import build_config
+from pipeline.config import Config, canonical
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = load_project(str(ROOT))
+
+# A non-default, valid value for every key an entry point may expose.
+SAMPLE = {
+    "model": "some/hub-model",
+    "method": "sparsegpt",
+    "sparsity": "0.5",
+    "pattern": "2:4",
+    "calib_lang": "zh",
+    "calib_blend": "de:0.25,zh:0.75",
+    "calib_set": "2",
+    "calib_source": "wmt",
+    "n_samples": "16",
+    "seq_len": "128",
+    "eval_langs": "de,sw",
+    "eval_tokens": "1000",
+    "tasks": "sib200",
+    "limit": "3",
+    "device": "cpu",
+    "dtype": "bfloat16",
+    "offload": "true",
+    "seed": "7",
+    "force": "true",
+}
+
+
+def _default(key: str) -> str:
+    f = Config.keys()[key][1]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return canonical(value)
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT._entry_points))
+def test_parameters_are_config_keys_with_config_defaults(name):
+    ep = PROJECT.get_entry_point(name)
+    for key, param in ep.parameters.items():
+        assert key in Config.keys(), f"{name}: {key} is not a config key"
+        assert str(param.default) == _default(key), f"{name}: default of {key} drifted"
+        assert f"{key}={{{key}}}" in ep.command, f"{name}: {key} is not passed to the CLI"
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT._entry_points))
+def test_every_parameter_reaches_the_config(name, tmp_path):
+    ep = PROJECT.get_entry_point(name)
+    user = {k: SAMPLE[k] for k in ep.parameters}
+    argv = shlex.split(ep.compute_command(user, str(tmp_path)))
+    assert argv[:4] == ["python", "-m", "pipeline", name]
+    cfg = build_config(None, argv[4:])
+    flat = cfg.to_flat()
+    for key, value in user.items():
+        assert flat[key] == canonical(Config.from_overrides({key: value}).to_flat()[key])
+        assert flat[key] != _default(key) or value == _default(key)
+
+
+def test_main_has_the_parameters_researchers_use():
+    main = PROJECT.get_entry_point("main").parameters
+    need = {"model", "method", "sparsity", "pattern", "calib_lang", "calib_blend", "calib_set",
+            "calib_source", "n_samples", "seq_len", "eval_langs", "tasks", "limit", "device",
+            "dtype", "seed"}
+    assert need <= set(main)
+    assert {"main", "dense"} <= set(PROJECT._entry_points)
+
+
+def test_conda_env_pins_match_pyproject():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip) == sorted(deps)
+    assert all("==" in d for d in deps), "every runtime dependency is pinned"
+    assert PROJECT.env_type == "conda"

@@ -1,0 +1,93 @@
+"""Config: typed overrides, validation before work, one canonical serializer, stable hash."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.config import Config, canonical, format_blend, parse_blend, parse_nm
+from pipeline.errors import LangpruneError
+from tracking.params import dense_hash, run_name, to_mlflow_params
+
+
+def test_overrides_are_typed():
+    cfg = Config.from_overrides({"sparsity": "0.6", "n_samples": "16", "offload": "yes"})
+    assert cfg.prune.sparsity == 0.6 and cfg.calib.n_samples == 16 and cfg.model.offload is True
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"sparsity": "-0.1"}, "[0, 1)"),
+        ({"sparsity": "1.0"}, "[0, 1)"),
+        ({"sparsity": "nan"}, "sparsity"),
+        ({"pattern": "4:2", "sparsity": "0.5"}, "N < M"),
+        ({"pattern": "2-4"}, "malformed pattern"),
+        ({"pattern": "2:4", "sparsity": "0.6"}, "implies sparsity 0.5"),
+        ({"method": "wandaa"}, "did you mean wanda"),
+        ({"calib_lang": "xx"}, "unknown language"),
+        ({"calib_blend": "de:-0.5,en:1.5"}, ">= 0"),
+        ({"calib_blend": "de:nan,en:1"}, "finite"),
+        ({"calib_blend": "de:0,en:0"}, "all zero"),
+        ({"calib_blend": "de:0.3,en:0.3"}, "sum to 0.6"),
+        ({"calib_blend": "de0.5"}, "lang:weight"),
+        ({"n_samples": "0"}, "n_samples"),
+        ({"n_samples": "1.5"}, "cannot read"),
+        ({"dtype": "float8"}, "unknown dtype"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"calib_lnag": "de"}, "did you mean calib_lang"),
+        ({"eval_langs": "de,klingon"}, "unknown language"),
+    ],
+)
+def test_bad_input_is_one_clear_error(overrides, fragment):
+    with pytest.raises(LangpruneError) as e:
+        Config.from_overrides(overrides)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_blend_normalised_only_when_asked():
+    cfg = Config.from_overrides({"calib_blend": "de:1,en:3", "normalize_blend": "true"})
+    assert cfg.calib.blend == {"de": 0.25, "en": 0.75}
+
+
+def test_calib_lang_and_equivalent_blend_hash_the_same():
+    a = Config.from_overrides({"calib_lang": "zh"})
+    b = Config.from_overrides({"calib_blend": "zh:1.0", "calib_lang": "en"})
+    assert a.config_hash() == b.config_hash()
+    assert to_mlflow_params(a)["calib_blend"] == "zh:1.0"
+    assert to_mlflow_params(b)["calib_lang"] == "zh"
+
+
+def test_hash_ignores_execution_only_keys_but_not_science():
+    base = Config.from_overrides({})
+    assert base.config_hash() == base.replace(force="true", run_name="x").config_hash()
+    assert base.config_hash() != base.replace(calib_set="1").config_hash()
+    assert dense_hash(base) == dense_hash(base.replace(calib_lang="zh", method="sparsegpt"))
+    assert dense_hash(base) != dense_hash(base.replace(eval_tokens="100"))
+
+
+def test_canonical_strings():
+    assert canonical(0.5) == "0.5" and canonical(True) == "true" and canonical(3) == "3"
+    assert canonical(math.inf) == "inf"
+    params = to_mlflow_params(Config.from_overrides({}))
+    assert all(isinstance(v, str) for v in params.values())
+    assert list(params) == sorted(params)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = Config.from_overrides({"calib_blend": "de:0.5,en:0.5", "pattern": "2:4"})
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert Config.from_yaml(path) == cfg
+
+
+def test_blend_helpers_and_names():
+    assert parse_blend("en:0.25, de:0.75") == {"en": 0.25, "de": 0.75}
+    assert format_blend({"en": 0.25, "de": 0.75}) == "de:0.75,en:0.25"
+    assert parse_nm("2:4") == (2, 4) and parse_nm("unstructured") == (0, 0)
+    cfg = Config.from_overrides({"calib_lang": "zh", "method": "wanda"})
+    assert run_name(cfg) == "wanda-0.5-zh-set0"
+    assert run_name(cfg.replace(pattern="2:4")) == "wanda-2:4-zh-set0"
+    assert run_name(cfg, "dense") == "dense-gemma-3-270m"

@@ -1,0 +1,135 @@
+"""Config -> MLflow params and tags: one canonical serializer, a config hash, the code version."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+
+from pipeline.config import Config, format_blend
+from pipeline.paths import REPO_ROOT
+
+# Tag keys written by langprune (the UI shows them; searches use them).
+TAG_KIND = "langprune.kind"  # pruned | dense | sweep | search | trial | verdict
+TAG_STATE = "langprune.state"  # running | complete | reused | failed | killed
+TAG_HASH = "langprune.config_hash"
+TAG_CODE = "langprune.code_version"
+TAG_COMMIT = "langprune.git_commit"
+TAG_DIRTY = "langprune.git_dirty"
+TAG_PID = "langprune.pid"
+TAG_HOST = "langprune.host"
+TAG_DEVICE = "langprune.device"
+TAG_REUSED = "langprune.reused_run"
+TAG_DENSE = "langprune.dense_run"
+TAG_ENTRY = "langprune.entry_point"
+
+VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "datasets", "optuna")
+
+
+def to_mlflow_params(cfg: Config) -> dict[str, str]:
+    """The canonical flat config as MLflow params (strings, sorted keys).
+
+    ``calib_blend`` is logged resolved (``zh:1.0`` for ``calib_lang=zh``) and ``calib_lang``
+    as the blend's readable label, so the UI can compare single languages and blends.
+    """
+    flat = cfg.to_flat()
+    flat["calib_blend"] = format_blend(cfg.calib.blend)
+    flat["calib_lang"] = cfg.calib.blend_label
+    return flat
+
+
+def dense_identity(cfg: Config) -> dict[str, str]:
+    """What a dense baseline depends on: the model and the evaluation, not pruning/calibration."""
+    keep = {"model", "dtype", "device", "offload", "trust_remote_code", "seed"}
+    keep |= {f for f in cfg.to_flat() if f.startswith("eval_")}
+    keep |= {"tasks", "limit", "num_fewshot"}
+    return {k: v for k, v in cfg.identity().items() if k in keep}
+
+
+def dense_hash(cfg: Config) -> str:
+    blob = repr(sorted(dense_identity(cfg).items())).encode()
+    return "dense-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> tuple[str, bool, str]:
+    """``(commit, dirty, code_version)``.
+
+    The code version is the commit, plus a hash of the uncommitted diff when the tree is
+    dirty, so that a run is reused only by exactly the same code. Outside a git checkout it is
+    the installed package version.
+    """
+    commit = (_git("rev-parse", "HEAD") or "").strip()
+    if not commit:
+        version = "pkg-" + metadata.version("langprune")
+        return "unknown", False, version
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "tracking",
+                  "analysis", "MLproject", "pyproject.toml") or ""
+    dirty = bool(status.strip())
+    if not dirty:
+        return commit, False, commit
+    diff = _git("diff", "HEAD", "--", "pipeline", "tracking", "analysis", "MLproject",
+                "pyproject.toml") or ""
+    return commit, True, f"{commit}+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:10]}"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        dist = name.replace("_", "-")
+        try:
+            out[f"version.{name}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[f"version.{name}"] = "absent"
+    out["version.python"] = platform.python_version()
+    return out
+
+
+def run_tags(cfg: Config, kind: str, device: str, entry_point: str) -> dict[str, str]:
+    """Tags every langprune run carries (code version, config hash, versions, device, pid)."""
+    commit, dirty, code = code_version()
+    tags = {
+        TAG_KIND: kind,
+        TAG_STATE: "running",
+        TAG_HASH: dense_hash(cfg) if kind == "dense" else cfg.config_hash(),
+        TAG_CODE: code,
+        TAG_COMMIT: commit,
+        TAG_DIRTY: "true" if dirty else "false",
+        TAG_PID: str(os.getpid()),
+        TAG_HOST: socket.gethostname(),
+        TAG_DEVICE: device,
+        TAG_ENTRY: entry_point,
+        "mlflow.source.git.commit": commit,
+    }
+    tags.update(versions())
+    return tags
+
+
+def run_name(cfg: Config, kind: str = "pruned") -> str:
+    """Readable run names, e.g. ``wanda-0.5-zh-set0`` or ``dense-gemma-3-270m``."""
+    if cfg.run.run_name:
+        return cfg.run.run_name
+    model = cfg.model.model.rstrip("/").split("/")[-1]
+    if kind == "dense":
+        return f"dense-{model}"
+    p = cfg.prune
+    amount = p.pattern if p.pattern != "unstructured" else f"{p.sparsity:g}"
+    blend = cfg.calib.blend
+    label = next(iter(blend)) if len(blend) == 1 else "+".join(
+        f"{k}{w:.2g}" for k, w in blend.items()
+    )
+    return f"{p.method}-{amount}-{label}-set{cfg.calib.calib_set}"

@@ -1,0 +1,277 @@
+"""The life cycle of langprune's MLflow runs: start or attach, reuse, finish, reap stale ones.
+
+Every run is driven through :class:`mlflow.MlflowClient` with an explicit run id (no fluent
+global state), so one process can log a dense baseline and a pruned run side by side. A run
+counts as a result only when it is FINISHED *and* tagged ``langprune.state=complete``; that
+tag is written last, after every param, metric and artifact. Runs that ``mlflow run`` leaves
+RUNNING after a failed environment set-up, or whose process died, are never taken as live:
+:func:`reap_stale_runs` marks them FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipeline.errors import LangpruneError
+from tracking import params as P
+
+log = logging.getLogger(__name__)
+
+_BATCH = 900  # MlflowClient.log_batch accepts at most 1000 metrics per call
+# A RUNNING run that never got a langprune pid tag is an environment set-up that died
+# (``mlflow run`` creates the run before building the env); after this long it is stale.
+STALE_UNSTARTED_S = 3600.0
+
+
+class Interrupted(BaseException):
+    """Raised by the SIGTERM/SIGINT handler so that runs end KILLED, not FAILED."""
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def check_tracking_reachable() -> None:
+    """Fail fast with one clear line if the tracking store cannot be reached."""
+    uri = tracking_uri()
+    try:
+        client().search_experiments(max_results=1)
+    except Exception as e:  # MLflow raises several types for an unreachable store
+        raise LangpruneError(f"cannot reach the MLflow tracking store {uri}: {_first_line(e)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def experiment_id(name: str) -> str:
+    """The active ``mlflow run`` experiment if we run under it, else ``name`` (created)."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        return client().get_run(env_run).info.experiment_id
+    env_exp = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if env_exp:
+        return env_exp
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another worker
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class TrackedRun:
+    """Logging for one run id. Only this class writes params/metrics/artifacts."""
+
+    def __init__(self, run_id: str, mlflow_client: MlflowClient | None = None) -> None:
+        self.run_id = run_id
+        self.client = mlflow_client or client()
+        self._monitor: Any = None
+
+    # ---- params, tags, metrics ----------------------------------------------------------
+    def log_params(self, params: Mapping[str, str]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 90):  # log_batch: at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 90])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(self.run_id, tags=items[i : i + 90])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if _finite_or_inf(v)]
+        self._log_metric_items(items)
+
+    def log_step_metrics(self, name: str, values: Mapping[int, float]) -> None:
+        """A metric over steps (step = decoder layer index): one point per step."""
+        ts = int(time.time() * 1000)
+        self._log_metric_items([Metric(name, float(v), ts, int(s)) for s, v in values.items()])
+
+    def _log_metric_items(self, items: list[Metric]) -> None:
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
+    # ---- artifacts ----------------------------------------------------------------------
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_json(self, obj: Any, name: str) -> None:
+        self._log_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._log_bytes(text.encode("utf-8"), name)
+
+    def log_table(self, df: pd.DataFrame, name: str) -> None:
+        """A table as CSV (readable anywhere) under ``name`` (must end in .csv)."""
+        self._log_bytes(df.to_csv(index=False).encode("utf-8"), name)
+
+    def _log_bytes(self, data: bytes, name: str) -> None:
+        safe = safe_artifact_name(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(safe).name
+            path.write_bytes(data)
+            parent = str(Path(safe).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def log_dataset(self, df: pd.DataFrame, name: str, source: str, context: str) -> None:
+        """Log a data set as an MLflow dataset input, shown in the UI's inputs column."""
+        ds = mlflow.data.from_pandas(df, source=source, name=name)
+        tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), [tag])])
+
+    # ---- system metrics -----------------------------------------------------------------
+    def start_system_metrics(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5)
+        self._monitor.start()
+
+    def stop_system_metrics(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:  # never lose a run over system metrics
+                log.warning("system metrics monitor did not stop cleanly: %s", e)
+            self._monitor = None
+
+    def finish(self, state: str = "complete", status: str = "FINISHED") -> None:
+        self.stop_system_metrics()
+        self.set_tags({P.TAG_STATE: state})
+        self.client.set_terminated(self.run_id, status)
+
+
+def safe_artifact_name(name: str) -> str:
+    """An artifact path built from user input that cannot escape its folder."""
+    parts = [p for p in Path(name).as_posix().split("/") if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts) or Path(name).is_absolute():
+        raise LangpruneError(f"unsafe artifact name {name!r}")
+    return "/".join(parts)
+
+
+def _finite_or_inf(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f  # NaN is never logged as a result (it would read as a number in the UI)
+
+
+def find_complete_run(exp_id: str, config_hash: str, code: str) -> str | None:
+    """The newest FINISHED, complete run with this config hash and code version."""
+    flt = (
+        f"tags.`{P.TAG_HASH}` = '{config_hash}' and tags.`{P.TAG_STATE}` = 'complete'"
+        f" and tags.`{P.TAG_CODE}` = '{code}' and attributes.status = 'FINISHED'"
+    )
+    runs = client().search_runs([exp_id], flt, order_by=["attributes.start_time DESC"],
+                                max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def new_run(exp_id: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
+    all_tags = {**tags, MLFLOW_RUN_NAME: name}
+    if parent:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent
+    return client().create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+
+
+def attach_or_create(exp_id: str, name: str, tags: Mapping[str, str],
+                     parent: str | None = None) -> TrackedRun:
+    """Attach to the run ``mlflow run`` created (``MLFLOW_RUN_ID``) or create one."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run and parent is None:
+        run = TrackedRun(env_run)
+        run.set_tags({**tags, MLFLOW_RUN_NAME: name})
+        os.environ.pop("MLFLOW_RUN_ID")  # later runs of this process are our own
+        return run
+    return TrackedRun(new_run(exp_id, name, tags, parent))
+
+
+@contextmanager
+def run_guard(run: TrackedRun) -> Iterator[TrackedRun]:
+    """End ``run`` FAILED (error tag) or KILLED on any exception; re-raise it."""
+    try:
+        yield run
+    except (Interrupted, KeyboardInterrupt):
+        _end_badly(run, "killed", "KILLED", "interrupted by signal")
+        raise
+    except BaseException as e:
+        _end_badly(run, "failed", "FAILED", _first_line(e))
+        raise
+
+
+def _end_badly(run: TrackedRun, state: str, status: str, reason: str) -> None:
+    run.stop_system_metrics()
+    try:
+        run.set_tags({P.TAG_STATE: state, "langprune.error": reason[:500]})
+        run.client.set_terminated(run.run_id, status)
+    except Exception as e:  # the store itself may be the failure; reaping fixes it later
+        log.error("could not mark run %s %s: %s", run.run_id, status, _first_line(e))
+
+
+def _pid_alive(pid: int, started_ms: int) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        # a recycled pid belongs to a process started after the run
+        return proc.create_time() * 1000 <= started_ms + 5000
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def reap_stale_runs(exp_id: str, now_s: float | None = None) -> list[str]:
+    """Mark RUNNING runs whose process is gone as FAILED; return their ids.
+
+    A run with a langprune pid tag on this host whose process no longer exists died (SIGKILL,
+    power loss). A run without that tag older than :data:`STALE_UNSTARTED_S` is an
+    ``mlflow run`` whose environment set-up failed before our code started.
+    """
+    now_ms = (now_s or time.time()) * 1000
+    host = socket.gethostname()
+    own = os.environ.get("MLFLOW_RUN_ID")
+    reaped = []
+    for r in client().search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=5000):
+        if r.info.run_id == own:
+            continue
+        tags = r.data.tags
+        pid = tags.get(P.TAG_PID)
+        if pid is not None:
+            if tags.get(P.TAG_HOST) != host or _pid_alive(int(pid), r.info.start_time):
+                continue
+            reason = "process died without ending the run (killed?)"
+        elif now_ms - r.info.start_time > STALE_UNSTARTED_S * 1000:
+            reason = "never started: environment set-up failed or was abandoned"
+        else:
+            continue
+        _end_badly(TrackedRun(r.info.run_id), "failed", "FAILED", reason)
+        reaped.append(r.info.run_id)
+        log.warning("marked stale run %s FAILED: %s", r.info.run_id, reason)
+    return reaped
