@@ -28,7 +28,7 @@ from pipeline.errors import LangpruneError
 from pipeline.registry import suggest
 
 DEFAULT_MODEL = "gemma-3-270m"
-REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")
+REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")  # == pipeline.data.languages.REQUIRED (tested)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 METHODS = ("magnitude", "wanda", "sparsegpt")  # kept in sync with PRUNERS by a contract test
@@ -229,17 +229,90 @@ class RunCfg:
     output_dir: str = "outputs"  # local scratch for artifacts before they are logged
 
 
+OBJECTIVES_LOWER = ("ppl", "bpb")  # lower is better; any task name is higher-is-better
+SEARCH_MODES = ("fast", "exact")
+
+
+@dataclass(frozen=True)
+class SweepCfg:
+    sweep_langs: str = ",".join(REQUIRED_LANGS)  # calibration languages of the grid
+    sweep_methods: str = "wanda,sparsegpt"
+    sweep_sets: int = 1  # calibration sets per language (3 for intra-language IoU)
+
+    def __post_init__(self) -> None:
+        _check_langs(split_list(self.sweep_langs), "sweep_langs")
+        for m in split_list(self.sweep_methods):
+            if m not in METHODS:
+                raise LangpruneError(
+                    f"unknown method {m!r} in sweep_methods; known: {', '.join(METHODS)}"
+                    f"{suggest(m, list(METHODS))}"
+                )
+        if not split_list(self.sweep_methods):
+            raise LangpruneError("sweep_methods is empty")
+        if self.sweep_sets < 1:
+            raise LangpruneError(f"sweep_sets must be >= 1, got {self.sweep_sets}")
+
+
+@dataclass(frozen=True)
+class SearchCfg:
+    target_lang: str = "sw"  # the language whose objective the blend search optimises
+    objective: str = "ppl"  # ppl | bpb | <task> | weighted mix "ppl:0.5,sib200:0.5"
+    languages: str = ",".join(REQUIRED_LANGS)  # candidate pool of calibration languages
+    n_trials: int = 20
+    study_name: str = ""  # "" = blend-<target>-<method>-<objective>-<mode>
+    storage: str = ""  # "" = sqlite:///optuna.db in the working directory; any Optuna RDB URL
+    mode: str = "fast"  # fast = cached per-language statistics; exact = full prune per trial
+    enqueue_single: bool = False  # also enqueue every single-language blend
+    verdict_sets: int = 3  # calibration sets for the best-vs-target-only comparison
+    search_eval_tokens: int = 1024  # target-language perplexity budget per trial
+
+    def __post_init__(self) -> None:
+        _check_langs([self.target_lang], "target_lang")
+        _check_langs(split_list(self.languages), "languages")
+        if self.mode not in SEARCH_MODES:
+            raise LangpruneError(f"unknown search mode {self.mode!r}; known: fast, exact")
+        if self.n_trials < 1:
+            raise LangpruneError(f"n_trials must be >= 1, got {self.n_trials}")
+        if self.verdict_sets < 2:
+            raise LangpruneError("verdict_sets must be >= 2 (a confidence interval needs two)")
+        if self.search_eval_tokens < 0:
+            raise LangpruneError("search_eval_tokens must be >= 0")
+        if self.storage:
+            scheme = self.storage.split(":", 1)[0].split("+", 1)[0]
+            if scheme not in ("sqlite", "postgresql", "mysql"):
+                raise LangpruneError(
+                    f"unknown storage scheme {scheme!r} in {self.storage!r}; use sqlite:///FILE,"
+                    " postgresql+psycopg2://... or mysql://..."
+                )
+        self.objective_terms  # validates
+
+    @property
+    def objective_terms(self) -> dict[str, float]:
+        """``{'ppl': 1.0}`` or the weighted mix; every term is a metric of the target language."""
+        if ":" not in self.objective:
+            return {self.objective: 1.0}
+        terms = parse_blend(self.objective)
+        if any(not math.isfinite(w) for w in terms.values()):
+            raise LangpruneError(f"objective weights must be finite: {self.objective!r}")
+        return terms
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelCfg,
     "calib": CalibCfg,
     "prune": PruneCfg,
     "eval": EvalCfg,
+    "sweep": SweepCfg,
+    "search": SearchCfg,
     "run": RunCfg,
 }
 
 # Fields that describe *how* a run is executed, not *what* it computes: excluded from the
 # config hash, so a run on cuda reuses an identical run on cpu only if the user says so.
 NON_IDENTITY = frozenset({"force", "run_name", "output_dir", "experiment", "model_cache"})
+# Sections that define what one pruned (or dense) run computes. Sweep and search keys only
+# describe how runs are *grouped*; they are params of the sweep/search parent runs.
+RUN_SECTIONS = ("model", "calib", "prune", "eval", "run")
 
 
 @dataclass(frozen=True)
@@ -248,6 +321,8 @@ class Config:
     calib: CalibCfg = field(default_factory=CalibCfg)
     prune: PruneCfg = field(default_factory=PruneCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    sweep: SweepCfg = field(default_factory=SweepCfg)
+    search: SearchCfg = field(default_factory=SearchCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
     # ---- construction -------------------------------------------------------------------
@@ -294,17 +369,17 @@ class Config:
         return Config.from_overrides(overrides, base=self)
 
     # ---- serialisation ------------------------------------------------------------------
-    def to_flat(self) -> dict[str, str]:
+    def to_flat(self, sections: tuple[str, ...] = tuple(SECTIONS)) -> dict[str, str]:
         """The canonical flat form: every key -> its canonical string (MLflow params)."""
         flat: dict[str, str] = {}
-        for sec in SECTIONS:
+        for sec in sections:
             for f in fields(SECTIONS[sec]):
                 flat[f.name] = canonical(getattr(getattr(self, sec), f.name))
         return dict(sorted(flat.items()))
 
     def identity(self) -> dict[str, str]:
         """The flat form without execution-only keys; equal identity = same experiment."""
-        flat = {k: v for k, v in self.to_flat().items() if k not in NON_IDENTITY}
+        flat = {k: v for k, v in self.to_flat(RUN_SECTIONS).items() if k not in NON_IDENTITY}
         # calib_blend overrides calib_lang: store the resolved blend so that
         # calib_lang=zh and calib_blend=zh:1 hash the same.
         flat["calib_blend"] = format_blend(self.calib.blend)

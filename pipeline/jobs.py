@@ -90,9 +90,10 @@ def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tu
         return found, None
     loaded = loaded or _load(cfg)
     tags = P.run_tags(cfg, "dense", str(loaded.device), entry_point)
-    run = R.attach_or_create(exp_id, name, tags) if entry_point == "dense" else R.TrackedRun(
-        R.new_run(exp_id, name, tags)
-    )
+    # Only the `dense` entry point owns the run `mlflow run` created; elsewhere the dense
+    # baseline is a run of its own next to the pruned one.
+    run = (R.attach_or_create(exp_id, name, tags) if entry_point == "dense"
+           else R.TrackedRun(R.new_run(exp_id, name, tags)))
     with R.run_guard(run):
         log_run_start(run, cfg, dense=True)
         report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
@@ -104,24 +105,37 @@ def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tu
     return run.run_id, report
 
 
-def dense_metrics(run_id: str) -> dict[str, float]:
+def run_metrics(run_id: str) -> dict[str, float]:
     return dict(R.client().get_run(run_id).data.metrics)
 
 
-def run_main(cfg: Config, entry_point: str = "main") -> JobResult:
-    """Prune with the calibration blend, evaluate every language, log it all."""
-    exp_id = preflight(cfg)
+def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | None = None,
+             extra_tags: dict[str, str] | None = None, loaded: Any = None,
+             check: bool = True) -> JobResult:
+    """Prune with the calibration blend, evaluate every language, log it all.
+
+    Args:
+        cfg: the validated config.
+        entry_point: recorded as a tag.
+        parent_run_id: make the run a child (sweep cells, search trials).
+        extra_tags: more tags for the run (e.g. the Optuna trial number).
+        loaded: an already loaded *dense* model to prune in place (the caller restores it);
+            None loads the model.
+        check: run :func:`preflight` (callers that already did may skip it).
+    """
+    exp_id = preflight(cfg) if check else R.experiment_id(cfg.run.experiment)
     name = P.run_name(cfg)
     if not cfg.run.force and (found := _reuse(exp_id, cfg.config_hash(), name)):
-        return JobResult(found, True, dense_metrics(found))
-    run = R.attach_or_create(exp_id, name, P.run_tags(cfg, "pruned", "pending", entry_point))
+        return JobResult(found, True, run_metrics(found))
+    tags = {**P.run_tags(cfg, "pruned", "pending", entry_point), **(extra_tags or {})}
+    run = R.attach_or_create(exp_id, name, tags, parent=parent_run_id)
     with R.run_guard(run):
         log_run_start(run, cfg, dense=False)
         run.start_system_metrics()
-        loaded = _load(cfg)
+        loaded = loaded or _load(cfg)
         run.set_tags({P.TAG_DEVICE: str(loaded.device)})
         calib = stages.calibrate(cfg, loaded.tokenizer)
-        dense_id, dense_report = run_dense(cfg, loaded, entry_point="main")
+        dense_id, dense_report = run_dense(cfg, loaded, entry_point=entry_point)
         run.set_tags({P.TAG_DENSE: dense_id})
         dense_ppl = (dense_report.ppl if dense_report is not None
                      else _ppl_from_metrics(dense_id))
@@ -139,7 +153,7 @@ def run_main(cfg: Config, entry_point: str = "main") -> JobResult:
 
 
 def _ppl_from_metrics(run_id: str) -> dict[str, float]:
-    m = dense_metrics(run_id)
+    m = run_metrics(run_id)
     return {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("ppl.")}
 
 
@@ -154,3 +168,81 @@ def calibration_frame(manifest: dict[str, Any]) -> pd.DataFrame:
     """One row per calibration window (language, source, documents, token offset)."""
     rows = manifest.get("windows", [])
     return pd.DataFrame(rows) if rows else pd.DataFrame({"language": []})
+
+
+class DenseSnapshot:
+    """A CPU copy of every decoder-layer weight, to restore the dense model between prunes.
+
+    Sweeps and searches load the model once and prune it many times; restoring weights is
+    much cheaper than reloading (and exact: the copy is bit-identical).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from pipeline.models import decoder_layers
+
+        self._layers = decoder_layers(model)
+        self._state = [
+            {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
+            for layer in self._layers
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for layer, state in zip(self._layers, self._state):
+                layer.load_state_dict(state)
+
+
+def sweep_cells(cfg: Config) -> list[Config]:
+    """The grid: methods x calibration languages x calibration sets, in a stable order."""
+    from pipeline.config import split_list
+
+    return [
+        cfg.replace(method=m, calib_lang=lang, calib_blend="", calib_set=str(k))
+        for m in split_list(cfg.sweep.sweep_methods)
+        for lang in split_list(cfg.sweep.sweep_langs)
+        for k in range(cfg.sweep.sweep_sets)
+    ]
+
+
+def run_sweep(cfg: Config) -> str:
+    """Every grid cell as a tracked run under one parent run; finished cells are reused.
+
+    The parent records the member run ids (tag + ``sweep/members.json``), so reused runs
+    from earlier sweeps or single ``main`` runs count as members without being copied.
+    """
+    exp_id = preflight(cfg)
+    cells = sweep_cells(cfg)
+    for cell in cells:  # validate every cell (and its corpus size) before any heavy work
+        cell.calib.blend
+    tags = P.run_tags(cfg, "sweep", "pending", "sweep")
+    tags[P.TAG_HASH] = "sweep-" + cfg.config_hash()
+    parent = R.attach_or_create(exp_id, f"sweep-{P.run_name(cfg, 'dense')[6:]}", tags)
+    with R.run_guard(parent):
+        parent.log_params({**P.to_mlflow_params(cfg, ("model", "eval", "sweep", "run")),
+                           "sweep.cells": str(len(cells))})
+        loaded = _load(cfg)
+        parent.set_tags({P.TAG_DEVICE: str(loaded.device)})
+        dense_id, _ = run_dense(cfg, loaded, entry_point="sweep")
+        snapshot = DenseSnapshot(loaded.model)
+        members: list[dict[str, str]] = []
+        for i, cell in enumerate(cells):
+            log.info("sweep cell %d/%d: %s", i + 1, len(cells), P.run_name(cell))
+            entry = {"method": cell.prune.method, "calib_lang": cell.calib.blend_label,
+                     "calib_set": str(cell.calib.calib_set)}
+            try:  # one failing cell must not lose an overnight sweep
+                res = run_main(cell, "sweep", parent_run_id=parent.run_id, loaded=loaded,
+                               check=False)
+                entry.update(run_id=res.run_id, reused=str(res.reused).lower(), status="ok")
+            except Exception as e:
+                log.error("sweep cell %s failed: %s", P.run_name(cell), e)
+                entry.update(run_id="", reused="false", status=f"failed: {e}"[:300])
+            finally:
+                snapshot.restore()
+            members.append(entry)
+        failed = [m for m in members if m["status"] != "ok"]
+        parent.log_json({"dense_run": dense_id, "members": members}, "sweep/members.json")
+        parent.set_tags({P.TAG_DENSE: dense_id, "langprune.members": str(len(members)),
+                         "langprune.failed_cells": str(len(failed))})
+        parent.finish(state="complete" if not failed else "incomplete")
+    print(f"sweep run {parent.run_id}: {len(members)} cells, dense {dense_id}")
+    return parent.run_id

@@ -33,7 +33,10 @@ def log_run_start(run: TrackedRun, cfg: Config, dense: bool) -> None:
     """Params, resolved config and the evaluation data set, before any heavy work."""
     from pipeline.evaluate.perplexity import DEFINITION
 
-    params = P.to_mlflow_params(cfg)
+    if dense:  # a dense run has no calibration or pruning: do not show misleading params
+        params = cfg.to_flat(("model", "eval", "run"))
+    else:
+        params = P.to_mlflow_params(cfg)
     params["ppl_definition"] = DEFINITION
     run.log_params(params)
     run.log_text(cfg.to_yaml(), "config.yaml")

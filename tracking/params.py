@@ -10,7 +10,7 @@ import socket
 import subprocess
 from importlib import metadata
 
-from pipeline.config import Config, format_blend
+from pipeline.config import RUN_SECTIONS, Config, format_blend
 from pipeline.paths import REPO_ROOT
 
 # Tag keys written by langprune (the UI shows them; searches use them).
@@ -30,13 +30,13 @@ TAG_ENTRY = "langprune.entry_point"
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "datasets", "optuna")
 
 
-def to_mlflow_params(cfg: Config) -> dict[str, str]:
-    """The canonical flat config as MLflow params (strings, sorted keys).
+def to_mlflow_params(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> dict[str, str]:
+    """The canonical flat config of ``sections`` as MLflow params (strings, sorted keys).
 
     ``calib_blend`` is logged resolved (``zh:1.0`` for ``calib_lang=zh``) and ``calib_lang``
     as the blend's readable label, so the UI can compare single languages and blends.
     """
-    flat = cfg.to_flat()
+    flat = cfg.to_flat(sections)
     flat["calib_blend"] = format_blend(cfg.calib.blend)
     flat["calib_lang"] = cfg.calib.blend_label
     return flat

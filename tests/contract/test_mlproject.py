@@ -85,4 +85,4 @@ def test_conda_env_pins_match_pyproject():
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert sorted(pip) == sorted(deps)
     assert all("==" in d for d in deps), "every runtime dependency is pinned"
-    assert PROJECT.env_type == "conda"
+    assert PROJECT.env_type == "conda_env"
