@@ -24,6 +24,10 @@ log = logging.getLogger("langprune")
 COMMANDS: dict[str, str] = {
     "main": "prune with the calibration blend, evaluate every language (tracked run)",
     "dense": "evaluate the unpruned model (the baseline every pruned run compares with)",
+    "sweep": "the grid calibration languages x methods x calib_sets under one parent run",
+    "analyze": "IoU across a sweep's runs; SNR, LSAR and LAPE for runs that lack them",
+    "report": "paper-style matrices, figures and summary from the MLflow store alone",
+    "search": "Optuna search for calibration blends that beat target-only calibration",
     "config": "print the resolved config as YAML and its hash, then exit",
     "reap": "mark RUNNING runs whose process is gone as FAILED",
 }
@@ -77,6 +81,30 @@ def _cmd_dense(cfg: Config) -> None:
     run_dense(cfg)
 
 
+def _cmd_sweep(cfg: Config) -> None:
+    from pipeline.jobs import run_sweep
+
+    run_sweep(cfg)
+
+
+def _cmd_analyze(cfg: Config) -> None:
+    from pipeline.analyze import run_analyze
+
+    run_analyze(cfg)
+
+
+def _cmd_report(cfg: Config) -> None:
+    from tracking.report import run_report
+
+    run_report(cfg)
+
+
+def _cmd_search(cfg: Config) -> None:
+    from pipeline.search import run_search
+
+    run_search(cfg)
+
+
 def _cmd_config(cfg: Config) -> None:
     print(cfg.to_yaml() + f"# config_hash: {cfg.config_hash()}")
 
@@ -91,6 +119,10 @@ def _cmd_reap(cfg: Config) -> None:
 HANDLERS: dict[str, Callable[[Config], None]] = {
     "main": _cmd_main,
     "dense": _cmd_dense,
+    "sweep": _cmd_sweep,
+    "analyze": _cmd_analyze,
+    "report": _cmd_report,
+    "search": _cmd_search,
     "config": _cmd_config,
     "reap": _cmd_reap,
 }

@@ -254,6 +254,25 @@ class SweepCfg:
 
 
 @dataclass(frozen=True)
+class AnalysisCfg:
+    sweep_run: str = ""  # the sweep parent run to analyse/report; "" = the newest sweep
+    analysis_tokens: int = 1024  # FLORES tokens per language for SNR / LSAR / LAPE
+    analysis_seq_len: int = 256  # window length for those passes
+    lsar_pooling: str = "last"  # last | mean (SCIENCE.md: last-token by default)
+    lape_top_rate: float = 0.01  # keep the lowest 1% LAPE
+    lape_filter_quantile: float = 0.95  # activation-probability filter
+    report_dir: str = "reports"  # where `report` writes its files (also logged to MLflow)
+
+    def __post_init__(self) -> None:
+        if self.analysis_tokens < 1 or self.analysis_seq_len < 2:
+            raise LangpruneError("analysis_tokens must be >= 1 and analysis_seq_len >= 2")
+        if self.lsar_pooling not in ("last", "mean"):
+            raise LangpruneError(f"lsar_pooling must be last or mean, got {self.lsar_pooling!r}")
+        if not 0 < self.lape_top_rate < 1 or not 0 < self.lape_filter_quantile < 1:
+            raise LangpruneError("lape_top_rate and lape_filter_quantile must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class SearchCfg:
     target_lang: str = "sw"  # the language whose objective the blend search optimises
     objective: str = "ppl"  # ppl | bpb | <task> | weighted mix "ppl:0.5,sib200:0.5"
@@ -304,6 +323,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalCfg,
     "sweep": SweepCfg,
     "search": SearchCfg,
+    "analysis": AnalysisCfg,
     "run": RunCfg,
 }
 
@@ -323,6 +343,7 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     search: SearchCfg = field(default_factory=SearchCfg)
+    analysis: AnalysisCfg = field(default_factory=AnalysisCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
     # ---- construction -------------------------------------------------------------------

@@ -41,7 +41,18 @@ def log_run_start(run: TrackedRun, cfg: Config, dense: bool) -> None:
     run.log_params(params)
     run.log_text(cfg.to_yaml(), "config.yaml")
     run.log_dataset(_eval_frame(cfg), name=f"{cfg.eval.eval_source}-eval",
-                    source=f"langprune:{cfg.eval.eval_source}", context="evaluation")
+                    source=dataset_source(cfg.eval.eval_source), context="evaluation")
+
+
+def dataset_source(name: str) -> str:
+    """Where a text source's data lives: the bundled folder, or the hub dataset's page."""
+    from pipeline.data import sources as S
+    from pipeline.paths import data_dir
+
+    hub = {"mc4": S.MC4_ID, "flores_hub": S.FLORES_PLUS_ID, "belebele_hub": S.BELEBELE_ID}
+    if name in hub:
+        return f"https://huggingface.co/datasets/{hub[name]}"
+    return str(data_dir() / S.DATASET_DIRS[name])
 
 
 def _eval_frame(cfg: Config) -> pd.DataFrame:
@@ -69,7 +80,7 @@ def log_prune(run: TrackedRun, cfg: Config, calib: Any, result: Any, prune_s: fl
             frame[col] = frame[col].map(str)
     blend = "+".join(sorted(cfg.calib.blend))
     run.log_dataset(frame, name=f"{cfg.calib.calib_source}-{blend}-set{cfg.calib.calib_set}",
-                    source=f"langprune:{cfg.calib.calib_source}", context="calibration")
+                    source=dataset_source(cfg.calib.calib_source), context="calibration")
     workdir.mkdir(parents=True, exist_ok=True)
     mask_path = workdir / "masks.safetensors"
     checksum = save_masks(result.masks, mask_path, metadata={"config_hash": cfg.config_hash()})
