@@ -1,0 +1,75 @@
+"""Pruning methods, registered by name in :data:`PRUNERS` (explicit imports, no scanning).
+
+Use as a library (pure per-matrix functions; mask is bool, True = pruned)::
+
+    from pipeline.pruners import magnitude_prune, wanda_prune, sparsegpt_prune
+    w2, mask = wanda_prune(weight, col_norms, sparsity=0.5)          # col_norms = ||X_j||_2
+    w2, mask = magnitude_prune(weight, sparsity=0.5, n=2, m=4)       # 2:4
+    res = sparsegpt_prune(weight, hessian, sparsity=0.5)             # res.weight, res.mask
+"""
+
+from __future__ import annotations
+
+from pipeline.pruners.base import (
+    ColumnSquares,
+    Hessian,
+    LayerPruner,
+    PruneOutcome,
+    SparsityTarget,
+    Statistic,
+    check_target,
+)
+from pipeline.pruners.magnitude import MagnitudePruner, magnitude_prune
+from pipeline.pruners.sparsegpt import (
+    HessianFactor,
+    SparseGPTPruner,
+    SparseGPTResult,
+    factor_hessian,
+    sparsegpt_prune,
+    sparsegpt_prune_factored,
+)
+from pipeline.pruners.wanda import WandaPruner, wanda_prune
+from pipeline.registry import Registry
+
+
+def _build_registry() -> Registry[type[LayerPruner]]:
+    registry: Registry[type[LayerPruner]] = Registry("pruning method")
+    for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner):
+        registry.add(cls.name, cls)
+    return registry
+
+
+#: Method name -> pruner class. Built once at import; never mutated afterwards.
+PRUNERS: Registry[type[LayerPruner]] = _build_registry()
+
+
+def make_pruner(method: str, **options: object) -> LayerPruner:
+    """Instantiate the registered method ``method`` with engine ``options``.
+
+    Raises:
+        LangpruneError: for an unknown name; the message lists the known ones.
+    """
+    return PRUNERS.get(method).from_options(options)
+
+
+__all__ = [
+    "PRUNERS",
+    "ColumnSquares",
+    "Hessian",
+    "HessianFactor",
+    "LayerPruner",
+    "MagnitudePruner",
+    "PruneOutcome",
+    "SparseGPTPruner",
+    "SparseGPTResult",
+    "SparsityTarget",
+    "Statistic",
+    "WandaPruner",
+    "check_target",
+    "factor_hessian",
+    "magnitude_prune",
+    "make_pruner",
+    "sparsegpt_prune",
+    "sparsegpt_prune_factored",
+    "wanda_prune",
+]
