@@ -135,7 +135,9 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
         loaded = loaded or _load(cfg)
         run.set_tags({P.TAG_DEVICE: str(loaded.device)})
         calib = stages.calibrate(cfg, loaded.tokenizer)
-        dense_id, dense_report = run_dense(cfg, loaded, entry_point=entry_point)
+        # `force` re-runs this run; the shared dense baseline is still reused.
+        dense_id, dense_report = run_dense(cfg.replace(force=False), loaded,
+                                           entry_point=entry_point)
         run.set_tags({P.TAG_DENSE: dense_id})
         dense_ppl = (dense_report.ppl if dense_report is not None
                      else _ppl_from_metrics(dense_id))

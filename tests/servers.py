@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -86,3 +86,37 @@ def headless(url: str, tmp: Path, screenshot: Path | None = None) -> str:
     out = subprocess.run([chromium(), *flags, f"--user-data-dir={profile}", "--dump-dom", url],
                          capture_output=True, timeout=120, check=True, text=True)
     return out.stdout
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def runs_table(server_url: str, exp_id: str, search: str, columns: list[str],
+               screenshot: Path | None = None) -> list[str]:
+    """Open the MLflow runs table in a real browser, show ``columns``, return its rows' text.
+
+    Playwright drives Debian's chromium (``executable_path``): no browser is downloaded.
+    """
+    from urllib.parse import quote
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 700})
+            page.goto(f"{server_url}/#/experiments/{exp_id}/runs?searchFilter={quote(search)}")
+            page.get_by_role("row").nth(2).wait_for(timeout=60_000)
+            page.get_by_role("button", name="Columns").click()
+            for col in ["Dataset", "Source", "Models", *columns]:  # hide 3 defaults, add ours
+                page.get_by_placeholder("Search columns").fill(col)
+                item = page.get_by_role("menuitemcheckbox", name=col, exact=True)
+                (item if item.count() else page.get_by_text(col, exact=True).last).click()
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(1000)
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot))
+            return page.get_by_role("row").all_inner_texts()
+        finally:
+            browser.close()

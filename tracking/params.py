@@ -6,11 +6,13 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import socket
 import subprocess
 from importlib import metadata
 
 from pipeline.config import RUN_SECTIONS, Config, format_blend
+from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
 
 # Tag keys written by langprune (the UI shows them; searches use them).
@@ -33,13 +35,35 @@ VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "datasets", "optuna")
 def to_mlflow_params(cfg: Config, sections: tuple[str, ...] = RUN_SECTIONS) -> dict[str, str]:
     """The canonical flat config of ``sections`` as MLflow params (strings, sorted keys).
 
-    ``calib_blend`` is logged resolved (``zh:1.0`` for ``calib_lang=zh``) and ``calib_lang``
-    as the blend's readable label, so the UI can compare single languages and blends.
+    Keys are the config keys with their canonical values, exactly as the user set them (so
+    they agree with the params ``mlflow run`` logs for the same keys). Two derived params make
+    blends comparable: ``blend``, the resolved canonical blend (``zh:1.0`` for
+    ``calib_lang=zh``; ``calib_blend`` overrides ``calib_lang``), and ``calib``, its short label.
     """
     flat = cfg.to_flat(sections)
-    flat["calib_blend"] = format_blend(cfg.calib.blend)
-    flat["calib_lang"] = cfg.calib.blend_label
-    return flat
+    if "calib" in sections:
+        flat["blend"] = format_blend(cfg.calib.blend)
+        flat["calib"] = cfg.calib.blend_label
+    return dict(sorted(flat.items()))
+
+
+def same_param_value(key: str, logged: str, ours: str) -> bool:
+    """Whether an already logged param means the same as ours.
+
+    ``mlflow run`` logs entry-point params itself, shell-quoted (``''`` for an empty value)
+    and spelled as the user typed them (``0.50``); those are the same value as our canonical
+    ``''``/``0.5`` once unquoted and parsed with the config's own coercion.
+    """
+    if logged == ours:
+        return True
+    try:
+        parts = shlex.split(logged)
+        unquoted = parts[0] if len(parts) == 1 else logged
+        if key in Config.keys():
+            return Config.from_overrides({key: unquoted}).to_flat()[key] == ours
+        return unquoted == ours
+    except (ValueError, LangpruneError):
+        return False
 
 
 def dense_identity(cfg: Config) -> dict[str, str]:

@@ -95,7 +95,13 @@ class TrackedRun:
 
     # ---- params, tags, metrics ----------------------------------------------------------
     def log_params(self, params: Mapping[str, str]) -> None:
+        """Log params; keys ``mlflow run`` already logged must mean the same value."""
         existing = self.client.get_run(self.run_id).data.params
+        for k, v in params.items():
+            if k in existing and not P.same_param_value(k, existing[k], str(v)):
+                raise LangpruneError(
+                    f"param {k} was logged as {existing[k]!r} but the run uses {v!r}"
+                )
         items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), 90):  # log_batch: at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 90])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.servers import ROOT, VENV_BIN, headless
+from tests.servers import ROOT, VENV_BIN, headless, runs_table
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ def test_two_calibration_languages_compared(mlflow_server, tiny_model_dir, tmp_p
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         assert run.info.status == "FINISHED"
         assert run.info.run_name == f"wanda-0.5-{lang}-set0"
-        assert p["calib_blend"] == f"{lang}:1.0" and p["method"] == "wanda"
+        assert p["blend"] == f"{lang}:1.0" and p["method"] == "wanda"
         assert p["n_samples"] == "4" and p["seq_len"] == "32" and p["model"] == str(tiny_model_dir)
         assert t["langprune.dense_run"] == dense[0].info.run_id
         for ev in ("de", "zh"):
@@ -79,18 +79,24 @@ def test_two_calibration_languages_compared(mlflow_server, tiny_model_dir, tmp_p
     after = client.search_runs([exp.experiment_id], "tags.`langprune.state` = 'complete'")
     assert len(after) == len(runs)
 
-    # The UI: the runs table lists both runs; the compare page shows calib_lang and ppl.
-    exp_url = f"{mlflow_server.url}/#/experiments/{exp.experiment_id}"
-    dom = headless(exp_url, tmp_path)
-    assert "wanda-0.5-zh-set0" in dom and "wanda-0.5-de-set0" in dom
+    # The UI, in a real browser: the runs table lists both runs with calib_lang and ppl.zh ...
+    shot_dir = Path(os.environ.get("LANGPRUNE_SCREENSHOT_DIR", tmp_path))
+    rows = runs_table(mlflow_server.url, exp.experiment_id, "tags.`langprune.kind` = 'pruned'",
+                      ["calib_lang", "ppl.zh"], screenshot=shot_dir / "runs_table.png")
+    text = "\n".join(rows)
+    assert "wanda-0.5-zh-set0" in text and "wanda-0.5-de-set0" in text
+    cells = [r.split("\n") for r in rows]
+    for lang, run in pruned.items():
+        ppl = run.data.metrics["ppl.zh"]
+        assert any(c[-2:] == [lang, repr(ppl)] or c[-2:] == [repr(ppl), lang] for c in cells), (
+            f"no row shows calib_lang={lang} with ppl.zh={ppl}: {rows}")
+    # ... and the compare page shows their params and metrics side by side.
     ids = [pruned["zh"].info.run_id, pruned["de"].info.run_id]
     q = urllib.parse.quote
     compare = (f"{mlflow_server.url}/#/compare-runs?runs={q(json.dumps(ids))}"
                f"&experiments={q(json.dumps([exp.experiment_id]))}")
-    shot_dir = Path(os.environ.get("LANGPRUNE_SCREENSHOT_DIR", tmp_path))
     dom = headless(compare, tmp_path, screenshot=shot_dir / "compare_runs.png")
     assert "calib_lang" in dom and "ppl.zh" in dom and "ppl_ratio.de" in dom
-    headless(exp_url, tmp_path, screenshot=shot_dir / "runs_table.png")
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

@@ -82,7 +82,8 @@ def test_unwritable_output_dir_is_a_clear_error(store, tiny_model_dir, tmp_path)
     target.write_text("x")
     with pytest.raises(LangpruneError, match="not writable"):
         run_main(small_cfg(tiny_model_dir, output_dir=str(target / "sub")))
-    assert store.search_runs([store.get_experiment_by_name("t").experiment_id]) == []
+    exps = [e.experiment_id for e in store.search_experiments()]
+    assert store.search_runs(exps) == [], "no run may be left behind by bad input"
 
 
 def test_dead_runs_are_reaped(store):

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import Config, canonical, format_blend, parse_blend, parse_nm
 from pipeline.errors import LangpruneError
-from tracking.params import dense_hash, run_name, to_mlflow_params
+from tracking.params import dense_hash, run_name, same_param_value, to_mlflow_params
 
 
 def test_overrides_are_typed():
@@ -56,8 +56,9 @@ def test_calib_lang_and_equivalent_blend_hash_the_same():
     a = Config.from_overrides({"calib_lang": "zh"})
     b = Config.from_overrides({"calib_blend": "zh:1.0", "calib_lang": "en"})
     assert a.config_hash() == b.config_hash()
-    assert to_mlflow_params(a)["calib_blend"] == "zh:1.0"
-    assert to_mlflow_params(b)["calib_lang"] == "zh"
+    assert to_mlflow_params(a)["blend"] == "zh:1.0" == to_mlflow_params(b)["blend"]
+    assert to_mlflow_params(b)["calib"] == "zh"
+    assert to_mlflow_params(b)["calib_lang"] == "en"  # as set; calib_blend overrides it
 
 
 def test_hash_ignores_execution_only_keys_but_not_science():
@@ -91,3 +92,11 @@ def test_blend_helpers_and_names():
     assert run_name(cfg) == "wanda-0.5-zh-set0"
     assert run_name(cfg.replace(pattern="2:4")) == "wanda-2:4-zh-set0"
     assert run_name(cfg, "dense") == "dense-gemma-3-270m"
+
+
+def test_params_logged_by_mlflow_run_are_recognised():
+    assert same_param_value("calib_blend", "''", "")  # mlflow run shell-quotes empty values
+    assert same_param_value("sparsity", "0.50", "0.5")
+    assert same_param_value("offload", "False", "false")
+    assert not same_param_value("sparsity", "0.6", "0.5")
+    assert not same_param_value("calib_lang", "de", "zh")
