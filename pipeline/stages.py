@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,30 @@ def evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.
     from pipeline.data.sources import load_eval_sentences
     from pipeline.evaluate.perplexity import evaluate_perplexity
 
+    with _executing_on(model, device, cfg.model.offload):
+        return _evaluate(cfg, model, tokenizer, device, max_length, progress)
+
+
+@contextmanager
+def _executing_on(model: torch.nn.Module, device: torch.device, offload: bool):
+    """With ``offload`` the model stays in CPU memory; accelerate's hooks move each module's
+    weights to ``device`` just for its forward, and are removed again afterwards (the pruning
+    engine does its own layer-by-layer onloading)."""
+    if not offload or device.type == "cpu":
+        yield
+        return
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_submodules
+
+    cpu_offload(model, execution_device=device)
+    try:
+        yield
+    finally:
+        remove_hook_from_submodules(model)
+
+
+def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.device,
+              max_length: int | None, progress: bool) -> EvalReport:
     e = cfg.eval
     t0 = time.perf_counter()
     ppl, bpb, details = {}, {}, {}
@@ -114,12 +139,15 @@ def evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.
             batch_size=e.eval_batch_size,
             device=device,
             progress=progress,
+            desc=f"ppl {lang}",
         )
         ppl[lang], bpb[lang] = res.ppl, res.bpb
         details[lang] = {
             "n_tokens": res.n_tokens,
             "n_windows": res.n_windows,
             "n_bytes": res.n_bytes,
+            "n_sentences": res.n_sentences,
+            "nll_sum": res.nll_sum,
             "definition": res.definition,
         }
         log.info("%s: ppl %.3f, bpb %.4f (%d tokens)", lang, res.ppl, res.bpb, res.n_tokens)

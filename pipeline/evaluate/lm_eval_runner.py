@@ -1,0 +1,290 @@
+"""Downstream tasks through lm-evaluation-harness, in process; the only module importing lm_eval.
+
+``HFLM`` wraps the in-memory (possibly pruned) model; ``TaskManager(include_path=tasks/)``
+adds our task YAMLs for the bundled data. Task names:
+
+- the bundled suites ``sib200``, ``xnli`` and ``belebele`` expand to our per-language tasks
+  ``langprune_<suite>_<lang>`` for every evaluation language with bundled data (the others
+  are reported as skipped); their score is ``acc`` under the key ``<suite>.<lang>``;
+- any other name goes to lm-eval as is (e.g. ``xnli_de``, ``arc_easy``: it works when its
+  data is reachable); every numeric metric is reported as ``<task>.<metric>``.
+
+Names are checked by :func:`validate_tasks` before any heavy work. Every run is offline
+for the bundled tasks: their loaders read ``data/`` (see ``tasks/utils.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from pipeline.errors import LangpruneError
+from pipeline.paths import data_dir
+from pipeline.registry import suggest
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASK_PREFIX = "langprune_"
+PRIMARY_METRIC = "acc"
+# Bundled suite -> folder of its data under data/.
+BUNDLED: MappingProxyType[str, str] = MappingProxyType(
+    {"sib200": "sib200", "xnli": "xnli_dev", "belebele": "belebele"}
+)
+_TASK_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """What :func:`run_tasks` will ask lm-eval for.
+
+    Attributes:
+        names: lm-eval task names, in order.
+        keys: Our bundled task names -> ``<suite>.<lang>`` score keys.
+        skipped: ``<suite>.<lang>`` pairs without bundled data.
+        needs_defaults: True when a name is not ours, so lm-eval's own index is needed.
+    """
+
+    names: list[str]
+    keys: dict[str, str]
+    skipped: list[str]
+    needs_defaults: bool
+
+
+@dataclass
+class TaskResults:
+    """Task scores and the full lm-eval results (JSON-serialisable)."""
+
+    scores: dict[str, float]
+    results_json: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+
+
+def task_name(suite: str, lang: str) -> str:
+    """Our lm-eval task name for a bundled suite and language, e.g. ``langprune_xnli_de``."""
+    return f"{TASK_PREFIX}{suite}_{lang}"
+
+
+def bundled_languages(suite: str) -> list[str]:
+    """Languages with both a task YAML and a bundled data file for ``suite``."""
+    yamls = {p.stem.removeprefix(f"{TASK_PREFIX}{suite}_")
+             for p in TASKS_DIR.glob(f"{TASK_PREFIX}{suite}_*.yaml")}
+    data = {p.name.removesuffix(".jsonl.gz")
+            for p in (Path(data_dir()) / BUNDLED[suite]).glob("*.jsonl.gz")}
+    return sorted(yamls & data)
+
+
+def validate_tasks(tasks: list[str], langs: list[str]) -> TaskPlan:
+    """Expand and check task names; cheap unless a name is not one of ours.
+
+    Raises:
+        LangpruneError: for an unknown name, listing the bundled suites and close names.
+    """
+    names: list[str] = []
+    keys: dict[str, str] = {}
+    skipped: list[str] = []
+    others: list[str] = []
+    for task in tasks:
+        if task in BUNDLED:
+            have = set(bundled_languages(task))
+            for lang in langs:
+                if lang in have:
+                    names.append(task_name(task, lang))
+                    keys[task_name(task, lang)] = f"{task}.{lang}"
+                else:
+                    skipped.append(f"{task}.{lang}")
+        elif (TASKS_DIR / f"{task}.yaml").is_file():
+            names.append(task)
+        else:
+            others.append(task)
+    if others:
+        known = set(_lm_eval_task_names())
+        for task in others:
+            if task not in known:
+                raise LangpruneError(
+                    f"unknown task {task!r}; bundled: {', '.join(BUNDLED)} (any lm-eval task "
+                    f"name also works){suggest(task, sorted(known | set(BUNDLED)))}"
+                )
+        _check_hub_for(others)
+        names.extend(others)
+    if skipped:
+        log.info("tasks without bundled data, skipped: %s", ", ".join(skipped))
+    return TaskPlan(names, keys, skipped, needs_defaults=bool(others))
+
+
+def _check_hub_for(tasks: list[str]) -> None:
+    """Fail fast when lm-eval's own tasks would wait on an unreachable hub.
+
+    With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, ``datasets`` reads its local cache
+    and answers at once, so only the unreachable-but-not-offline case is refused here.
+    """
+    from pipeline.loading import env_flag, hub_offline_flag, hub_online
+
+    if hub_offline_flag() or env_flag("HF_DATASETS_OFFLINE") or hub_online():
+        return
+    raise LangpruneError(
+        f"tasks {', '.join(tasks)} need their data from the Hugging Face hub, which is "
+        f"unreachable; set HF_HUB_OFFLINE=1 to use the local datasets cache, or use the "
+        f"bundled suites ({', '.join(BUNDLED)}), which run offline"
+    )
+
+
+def _task_manager(include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's ~15k task configs takes seconds: only when a name needs it.
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_task_names() -> tuple[str, ...]:
+    """Every task and group name lm-eval knows (indexed once per process)."""
+    return tuple(_task_manager(include_defaults=True).all_tasks)
+
+
+def run_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    langs: list[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    max_length: int | None = None,
+    seed: int = 0,
+) -> TaskResults:
+    """Run lm-eval tasks on an in-memory model.
+
+    Args:
+        model: A Hugging Face causal LM (pruned or dense), already on its device.
+        tokenizer: Its tokenizer.
+        tasks: Bundled suite names and/or lm-eval task names.
+        langs: Evaluation languages (for the bundled suites).
+        limit: Documents per task (the first ``limit``); None = all.
+        num_fewshot: Few-shot examples per prompt.
+        batch_size: Requests per forward pass.
+        device: The model's device (lm-eval reads it from the model; logged only).
+        max_length: Longest input in tokens; None = from the model config.
+        seed: lm-eval's random, numpy, torch and few-shot seeds.
+
+    Returns:
+        Flat scores, the full results JSON and the skipped task x language pairs.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    plan = validate_tasks(tasks, langs)
+    if not plan.names:
+        return TaskResults({}, {}, plan.skipped)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=str(device) if device is not None else None, max_length=max_length)
+    log.info("lm-eval: %d tasks, limit %s, %d-shot", len(plan.names), limit, num_fewshot)
+    with _quiet_custom_dataset_notice(), _task_data_errors(plan.names):
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=plan.names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            task_manager=_task_manager(include_defaults=plan.needs_defaults),
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    results_json = _json_clean(results or {})
+    return TaskResults(flatten_scores(results_json, plan.keys), results_json, plan.skipped)
+
+
+def flatten_scores(results_json: dict[str, Any], keys: dict[str, str]) -> dict[str, float]:
+    """``<suite>.<lang>`` -> acc for our tasks; ``<task>.<metric>`` for the others."""
+    scores: dict[str, float] = {}
+    for task, metrics in results_json.get("results", {}).items():
+        for name, value in metrics.items():
+            metric = name.split(",")[0]  # "acc,none" -> "acc" (lm-eval's filter suffix)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if metric.endswith("_stderr"):
+                continue
+            if task in keys:
+                if metric == PRIMARY_METRIC:
+                    scores[keys[task]] = float(value)
+            else:
+                scores[f"{task}.{metric}"] = float(value)
+    return scores
+
+
+class _DropNotice(logging.Filter):
+    """Drops lm-eval's per-task hint about ``--metadata`` (shown for every custom_dataset)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_custom_dataset_notice() -> Iterator[None]:
+    logger = logging.getLogger("lm_eval.api.task")
+    notice = _DropNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+@contextmanager
+def _task_data_errors(names: list[str]) -> Iterator[None]:
+    """Turn ``datasets``' "couldn't reach the hub" into one clear line."""
+    try:
+        yield
+    except ConnectionError as e:
+        raise LangpruneError(
+            f"cannot fetch task data for {', '.join(names)}: {str(e).splitlines()[0]}; the "
+            f"bundled suites ({', '.join(BUNDLED)}) run offline"
+        ) from None
+
+
+def _json_clean(obj: Any) -> dict[str, Any]:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def language_task_yaml(suite: str, lang: str) -> str:
+    """The text of our per-language task file (written by :func:`write_task_files`)."""
+    return (
+        "# Generated by pipeline.evaluate.lm_eval_runner.write_task_files; do not edit.\n"
+        f"include: _{suite}_template_yaml\n"
+        f"task: {task_name(suite, lang)}\n"
+        "dataset_kwargs:\n"
+        f"  lang: {lang}\n"
+        "metadata:\n"
+        f"  version: {_TASK_VERSION}\n"
+    )
+
+
+def write_task_files(directory: Path = TASKS_DIR) -> list[Path]:
+    """(Re)write one task file per bundled suite and language with data; returns them.
+
+    A contract test checks the checked-in files equal this output, so they cannot drift.
+    """
+    written = []
+    for suite, folder in BUNDLED.items():
+        for data in sorted((Path(data_dir()) / folder).glob("*.jsonl.gz")):
+            lang = data.name.removesuffix(".jsonl.gz")
+            path = directory / f"{task_name(suite, lang)}.yaml"
+            path.write_text(language_task_yaml(suite, lang), encoding="utf-8")
+            written.append(path)
+    return written
