@@ -99,9 +99,6 @@ def prune(
 def evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.device,
              max_length: int | None = None, progress: bool = True) -> EvalReport:
     """Perplexity and bits per byte per evaluation language, then the lm-eval tasks."""
-    from pipeline.data.sources import load_eval_sentences
-    from pipeline.evaluate.perplexity import evaluate_perplexity
-
     with _executing_on(model, device, cfg.model.offload):
         return _evaluate(cfg, model, tokenizer, device, max_length, progress)
 
@@ -126,6 +123,9 @@ def _executing_on(model: torch.nn.Module, device: torch.device, offload: bool):
 
 def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.device,
               max_length: int | None, progress: bool) -> EvalReport:
+    from pipeline.data.sources import load_eval_sentences
+    from pipeline.evaluate.perplexity import evaluate_perplexity
+
     e = cfg.eval
     t0 = time.perf_counter()
     ppl, bpb, details = {}, {}, {}

@@ -16,6 +16,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,9 +150,12 @@ class TrackedRun:
 
     def log_dataset(self, df: pd.DataFrame, name: str, source: str, context: str) -> None:
         """Log a data set as an MLflow dataset input, shown in the UI's inputs column."""
-        ds = mlflow.data.from_pandas(df, source=source, name=name)
+        with warnings.catch_warnings():  # schema-inference hints meant for model inputs
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(df, source=source, name=name)
+            entity = ds._to_mlflow_entity()
         tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), [tag])])
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [tag])])
 
     # ---- system metrics -----------------------------------------------------------------
     def start_system_metrics(self) -> None:
