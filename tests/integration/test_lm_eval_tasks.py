@@ -76,7 +76,8 @@ def test_suites_expand_per_language_and_report_skips():
     assert R.validate_tasks(["langprune_xnli_de"], ["en"]).names == ["langprune_xnli_de"]
 
 
-def test_task_names_are_checked_against_lm_eval_before_work():
+def test_task_names_are_checked_against_lm_eval_before_work(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # upstream data would come from the cache
     plan = R.validate_tasks(["xnli_de"], ["de"])  # an upstream lm-eval task passes through
     assert plan.names == ["xnli_de"] and plan.needs_defaults
     with pytest.raises(LangpruneError, match=r"unknown task 'sib2000'.*bundled: sib200, xnli, "
