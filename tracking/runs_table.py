@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +163,9 @@ def _run_row(run: Any) -> dict[str, Any]:
     return row
 
 
-def runs_frame(*, experiment_id: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:
+def runs_frame(
+    *, experiment_id: str | None = None, parent_run_id: str | None = None
+) -> pd.DataFrame:
     """One row per run with flat ``params.*``, ``metrics.*`` (latest value) and ``tags.*`` columns.
 
     Args:
@@ -200,7 +205,23 @@ def download_artifact(run_id: str, path: str, dst: str | Path) -> Path | None:
         return None
     target = Path(dst)
     target.mkdir(parents=True, exist_ok=True)
-    return Path(R.client().download_artifacts(run_id, path, str(target)))
+    with _quiet_downloads():
+        return Path(R.client().download_artifacts(run_id, path, str(target)))
+
+
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar per downloaded file (analyze/report fetch hundreds of them)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def download_masks(run_id: str, dst: str | Path) -> Path:
@@ -217,8 +238,6 @@ def download_masks(run_id: str, dst: str | Path) -> Path:
 
 def read_json_artifact(run_id: str, path: str) -> Any:
     """A JSON artifact of a run, parsed; None if the run lacks it."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifact(run_id, path, tmp)
         return None if local is None else json.loads(local.read_text(encoding="utf-8"))
@@ -226,8 +245,6 @@ def read_json_artifact(run_id: str, path: str) -> Any:
 
 def read_csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
     """A CSV artifact of a run as a DataFrame; None if the run lacks it."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifact(run_id, path, tmp)
         return None if local is None else pd.read_csv(local, keep_default_na=False,

@@ -269,6 +269,8 @@ def test_hub_language_missing_lists_alternatives(online):
 def test_offline_fails_fast_before_datasets(monkeypatch, var, source):
     import datasets
 
+    for other in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(var, "1")
 
     def must_not_run(*args, **kwargs):

@@ -1,0 +1,323 @@
+"""The blend search on tiny models: simplex, trial 0, failures, resume, two workers, fast-mode
+statistics against the engine's, and the verdict's arithmetic."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline import search as S
+from pipeline.config import Config
+from pipeline.data.sampler import build_calibration, largest_remainder
+from pipeline.errors import LangpruneError
+from pipeline.paths import REPO_ROOT
+from pipeline.pruners import SparsityTarget, WandaPruner
+from tracking import optuna_mlflow as OM
+from tracking import params as P
+from tracking.runs import Interrupted
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LANGPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(uri)
+    mlflow.set_tracking_uri(None)
+
+
+def overrides(model_dir, tmp_path, **kw) -> dict[str, str]:
+    base = {"model": str(model_dir), "n_samples": "4", "seq_len": "32", "eval_tokens": "64",
+            "search_eval_tokens": "64", "tasks": "", "device": "cpu", "experiment": "t",
+            "languages": "de,en,sw", "target_lang": "sw", "verdict_sets": "2",
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": "3"}
+    return {**base, **kw}
+
+
+def small_cfg(model_dir, tmp_path, **kw) -> Config:
+    return Config.from_overrides(overrides(model_dir, tmp_path, **kw))
+
+
+def load_study(cfg: Config) -> optuna.Study:
+    return optuna.load_study(study_name=S.default_study_name(cfg), storage=cfg.search.storage)
+
+
+def trial_runs(client: MlflowClient, study_name: str):
+    exp = client.get_experiment_by_name("t")
+    flt = f"tags.`{OM.TAG_STUDY}` = '{study_name}' and tags.`{P.TAG_KIND}` = 'trial'"
+    return client.search_runs([exp.experiment_id], flt, max_results=1000)
+
+
+# ---- the simplex ----------------------------------------------------------------------------
+
+
+def _check_point(point: S.BlendPoint, pool: list[str], n: int) -> None:
+    assert set(point.weights) == set(pool)
+    assert all(w >= 0 for w in point.weights.values())
+    assert math.isclose(sum(point.weights.values()), 1.0, abs_tol=1e-12)
+    assert sum(point.counts.values()) == n and all(c > 0 for c in point.counts.values())
+    assert set(point.counts) <= set(pool)
+    # the effective blend is a valid config blend that reproduces the same windows
+    calib = Config.from_overrides({"calib_blend": point.label, "n_samples": str(n)}).calib
+    assert {k: c for k, c in largest_remainder(calib.blend, n).items() if c} == point.counts
+
+
+def test_every_raw_point_is_a_valid_blend():
+    rng = np.random.default_rng(0)
+    pool = ["ar", "de", "en", "sw", "zh"]
+    for i in range(400):
+        raw = rng.random(len(pool))
+        raw[rng.random(len(pool)) < 0.3] = 0.0  # exact zeros, sometimes all of them
+        n = int(rng.integers(1, 64))
+        _check_point(S.blend_from_raw(dict(zip(pool, raw.tolist())), n), pool, n)
+    uniform = S.blend_from_raw(dict.fromkeys(pool, 0.0), 10)
+    assert uniform.counts == {"ar": 2, "de": 2, "en": 2, "sw": 2, "zh": 2}
+    with pytest.raises(LangpruneError):
+        S.blend_from_raw({"de": -0.1, "en": 1.0}, 8)
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = []
+    study.optimize(lambda t: seen.append(S.suggest_blend(t, pool, 16)) or 0.0, n_trials=150)
+    for point in seen:
+        _check_point(point, pool, 16)
+    assert len({p.label for p in seen}) > 50  # the space is really explored
+
+
+def test_objective_direction_table_and_values():
+    ppl = S.Objective({"ppl": 1.0}, "sw")
+    assert ppl.direction == "minimize" and ppl.tasks == []
+    assert ppl.value({"ppl.sw": 12.5, "ppl.de": 3.0}) == 12.5
+    acc = S.Objective({"sib200": 1.0}, "sw")
+    assert acc.direction == "maximize" and acc.tasks == ["sib200"]
+    mix = S.Objective({"ppl": 0.5, "sib200": 10.0}, "sw")
+    assert mix.direction == "minimize"
+    assert mix.value({"ppl.sw": 20.0, "sib200.sw": 0.4}) == pytest.approx(0.5 * 20 - 10 * 0.4)
+    with pytest.raises(S.TrialFailure, match="missing"):
+        ppl.value({"ppl.de": 1.0})
+    with pytest.raises(S.TrialFailure, match="nan"):
+        ppl.value({"ppl.sw": float("nan")})
+    with pytest.raises(LangpruneError, match="no bundled data"):
+        S.Objective({"belebele": 1.0}, "sw").validate()  # Belebele has no Swahili bundled
+
+
+# ---- the verdict's arithmetic ------------------------------------------------------------------
+
+
+def test_paired_interval_and_decision_on_hand_made_numbers():
+    mean, low, high, tq = S.paired_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and tq == pytest.approx(4.302652729911275)  # t(0.975, 2)
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)
+    assert (low, high) == pytest.approx((2.0 - half, 2.0 + half))
+    assert S.decide(low, high) == "inconclusive"
+    assert S.make_verdict("sw", "de:0.5,sw:0.5", [0.9, 1.0, 1.1], [], "ppl").answer == "yes"
+    assert S.make_verdict("sw", "de:0.5,sw:0.5", [-0.9, -1.0, -1.1], [], "ppl").answer == "no"
+    v = S.make_verdict("sw", "de:1.0", [0.5], [], "ppl")
+    assert v.answer == "inconclusive" and v.statement.endswith("for sw: inconclusive")
+
+
+def test_best_target_only_blend_gives_no_without_re_runs(tmp_path):
+    cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw", "n_samples": "4"})
+    study = optuna.create_study(direction="minimize")
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for params, value in (({"w_de": 0.0, "w_sw": 1.0}, 10.0), ({"w_de": 1.0, "w_sw": 0.2}, 11.0)):
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: dist for k in params}, value=value))
+    ctx = S._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
+    verdict = S.run_verdict(ctx, study)  # would fail on ctx.loaded=None if it re-ran anything
+    assert verdict.answer == "no" and "target-only itself" in verdict.detail
+
+
+# ---- fast-mode statistics ---------------------------------------------------------------
+
+
+class _Recording(WandaPruner):
+    """Wanda that records the statistic it is given for every pruned matrix."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def prune(self, weight, statistic, target):
+        self.seen.append(statistic.sum_sq.clone())
+        return super().prune(weight, statistic, target)
+
+
+def test_fast_first_layer_statistics_equal_the_engines(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.capture import prune_layerwise
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    base = Config.from_overrides({"n_samples": "6", "seq_len": "32"})
+    cpu = torch.device("cpu")
+    stats = {lang: S.collect_language_stats(
+        model, build_calibration(tok, base.replace(calib_lang=lang).calib, 0,
+                                 progress=False).windows, lang, S.COLUMNS, device=cpu,
+        batch_size=4) for lang in ("de", "sw")}
+    point = S.blend_from_raw({"de": 1.0, "sw": 2.0}, 6)
+    assert point.counts == {"de": 2, "sw": 4}
+    windows = build_calibration(tok, base.replace(calib_blend=point.label).calib, 0,
+                                progress=False).windows
+    recorder = _Recording()
+    target = SparsityTarget(0.5)
+    prune_layerwise(model, windows, recorder, target, device=cpu, batch_size=4, progress=False)
+    layer0 = stats["de"].layers[0]
+    expected = [S.combine_stats(stats, point.counts, 0, j)
+                for j, group in enumerate(layer0) for _ in group.names]
+    n0 = len(expected)
+    for got, want in zip(recorder.seen[:n0], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # later layers see pruned inputs in exact mode, dense ones in fast mode: they differ
+    first_of_layer1 = S.combine_stats(stats, point.counts, 1, 0)
+    assert not torch.allclose(recorder.seen[n0], first_of_layer1, rtol=1e-4)
+
+    # same layer-0 statistics -> the same layer-0 weights after pruning
+    exact_layer0 = {k: v.clone() for k, v in model.model.layers[0].state_dict().items()}
+    model.load_state_dict(dense)
+    sparsity = S.prune_from_stats(model, stats, point.counts, "wanda", target, device=cpu)
+    assert sparsity == pytest.approx(0.5)
+    for k, v in model.model.layers[0].state_dict().items():
+        torch.testing.assert_close(v, exact_layer0[k])
+
+
+def test_statistics_cache_round_trip(tmp_path):
+    stats = S.LanguageStats("de", S.COLUMNS, 3, [[S.GroupStats(("q", "k"), torch.rand(3, 4))],
+                                                 [S.GroupStats(("o",), torch.rand(3, 2))]])
+    path = tmp_path / "s.safetensors"
+    S.save_stats(stats, path)
+    back = S.load_stats(path, torch.device("cpu"))
+    assert back.lang == "de" and back.n_windows == 3 and back.layers[0][0].names == ("q", "k")
+    torch.testing.assert_close(back.layers[1][0].tensor, stats.layers[1][0].tensor)
+    assert S.load_stats(tmp_path / "missing.safetensors", torch.device("cpu")) is None
+
+
+# ---- studies ------------------------------------------------------------------------------------
+
+
+def test_a_resumed_study_must_keep_its_config(tmp_path):
+    cfg = Config.from_overrides({"storage": f"sqlite:///{tmp_path / 'o.db'}"})
+    obj, pool, url = S._validate(cfg)
+    S.open_study(cfg, obj, pool, url)
+    other = cfg.replace(sparsity="0.6")
+    with pytest.raises(LangpruneError, match="sparsity"):
+        S.open_study(other, obj, pool, url)
+
+
+def test_trial0_target_only_interrupt_and_resume(store, tiny_model_dir, tmp_path, monkeypatch):
+    real, calls = S._fast_trial, []
+
+    def stopped_at_second(ctx, point):
+        calls.append(point.label)
+        if len(calls) == 2:
+            raise Interrupted("received signal SIGTERM")  # what the CLI's handler raises
+        return real(ctx, point)
+
+    monkeypatch.setattr(S, "_fast_trial", stopped_at_second)
+    cfg = small_cfg(tiny_model_dir, tmp_path, n_trials="3")
+    with pytest.raises(Interrupted):
+        S.run_search(cfg, progress=False)
+    study = load_study(cfg)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert "Interrupted" in study.trials[1].user_attrs[OM.FAIL_ATTR]
+    killed = {int(r.data.tags[OM.TAG_TRIAL]): r for r in trial_runs(store, study.study_name)}
+    assert killed[1].info.status == "KILLED"
+
+    monkeypatch.setattr(S, "_fast_trial", real)
+    again = S.run_search(cfg.replace(n_trials="4"), progress=False)
+    assert again.trials_run == 2  # n_trials is the study's total; the failed trial counts
+    study = load_study(cfg)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert study.trials[0].params == {"w_de": 0.0, "w_en": 0.0, "w_sw": 1.0}
+    assert [t.user_attrs.get("role") for t in study.trials] == ["target-only", None, None, None]
+    assert study.trials[0].user_attrs[OM.BLEND_ATTR] == "sw:1.0"
+    runs = trial_runs(store, study.study_name)
+    assert sorted(int(r.data.tags[OM.TAG_TRIAL]) for r in runs) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {again.parent_run_id}
+    assert all(r.data.params["mode"] == "fast" and "weight_raw.de" in r.data.params for r in runs)
+    parent = store.get_run(again.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags[P.TAG_STATE] == "complete"
+    assert parent.data.tags["langprune.verdict"] in ("yes", "no", "inconclusive")
+    assert parent.data.tags["langprune.best_run"] in {r.info.run_id for r in runs}
+    assert "target_only.objective" in parent.data.metrics
+    assert len(OM.find_study_parents(parent.info.experiment_id, study.study_name)) == 1
+
+
+def test_a_failing_trial_is_recorded_and_the_study_continues(store, tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    real = S._fast_trial
+    calls = []
+
+    def flaky(ctx, point):
+        calls.append(point.label)
+        if len(calls) == 2:
+            return {**real(ctx, point), "ppl.sw": float("nan")}
+        if len(calls) == 3:
+            raise RuntimeError("simulated out of memory")
+        return real(ctx, point)
+
+    monkeypatch.setattr(S, "_fast_trial", flaky)
+    cfg = small_cfg(tiny_model_dir, tmp_path, n_trials="4")
+    result = S.run_search(cfg, progress=False)
+    study = load_study(cfg)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert "nan" in study.trials[1].user_attrs[OM.FAIL_ATTR]
+    assert "simulated out of memory" in study.trials[2].user_attrs[OM.FAIL_ATTR]
+    assert result.summary.n_failed == 2 and result.summary.n_complete == 2
+    by_trial = {int(r.data.tags[OM.TAG_TRIAL]): r for r in trial_runs(store, study.study_name)}
+    assert by_trial[2].info.status == "FAILED"
+    assert "simulated out of memory" in by_trial[2].data.tags["langprune.error"]
+    assert by_trial[3].info.status == "FINISHED" and "objective" in by_trial[3].data.metrics
+
+
+def test_exact_mode_trials_are_tracked_pruned_runs(store, tiny_model_dir, tmp_path):
+    cfg = small_cfg(tiny_model_dir, tmp_path, n_trials="2", mode="exact", eval_langs="sw")
+    S.run_search(cfg, progress=False)
+    study = load_study(cfg)
+    for run in trial_runs(store, study.study_name):
+        pruned = store.get_run(run.data.tags["langprune.pruned_run"])
+        assert pruned.data.tags[P.TAG_KIND] == "pruned"
+        assert pruned.data.params["calib_blend"] == run.data.params["calib_blend"]
+        assert run.data.metrics["objective"] == pruned.data.metrics["ppl.sw"]
+
+
+def test_two_processes_share_one_study(store, tiny_model_dir, tmp_path):
+    store.create_experiment("t")  # the MLflow schema exists before the workers race
+    n_trials = 6
+    args = [f"{k}={v}" for k, v in overrides(tiny_model_dir, tmp_path, n_trials=str(n_trials),
+                                            languages="de,sw").items()]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LANGPRUNE_LOG_LEVEL": "WARNING"}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "search", *args], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = load_study(small_cfg(tiny_model_dir, tmp_path, languages="de,sw"))
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers)))
+    assert n_trials <= len(numbers) <= n_trials + 1  # a simultaneous last start may overshoot
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    runs = trial_runs(store, study.study_name)
+    assert sorted(int(r.data.tags[OM.TAG_TRIAL]) for r in runs) == numbers  # each exactly once
+    assert {t.user_attrs[OM.RUN_ID_ATTR] for t in study.trials} == {r.info.run_id for r in runs}
+    parents = OM.find_study_parents(store.get_experiment_by_name("t").experiment_id,
+                                    study.study_name)
+    assert len(parents) == 1
+    assert sum(t.user_attrs.get("role") == "target-only" for t in study.trials) == 1

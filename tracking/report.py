@@ -1,0 +1,176 @@
+"""The ``report`` job: read a sweep from the MLflow store and build the paper-style report.
+
+Reads only the store (no model): the members' params and metrics, their analysis tables
+and LAPE counts, the parent's IoU matrices and dense LAPE counts, and the dense baseline's
+metrics. :func:`analysis.report.build_report` turns them into files under
+``report_dir/<sweep_run_id>/``, which are also logged to the sweep parent run under
+``report/``. The same store gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file
+
+from analysis.report import RUN_KEYS, ReportInputs, build_report
+from pipeline.config import Config, split_list
+from pipeline.errors import LangpruneError
+from tracking import params as P
+from tracking import runs as R
+from tracking import runs_table as RT
+
+log = logging.getLogger(__name__)
+
+
+def _metrics_of(row: pd.Series) -> dict[str, float]:
+    """``metrics.<name>`` columns of a runs_frame row -> {name: value}, system metrics dropped."""
+    out = {}
+    for col, value in row.items():
+        name = str(col).removeprefix("metrics.")
+        if str(col).startswith("metrics.") and not name.startswith("system/") and pd.notna(value):
+            out[name] = float(value)
+    return out
+
+
+def runs_table(sweep: RT.Sweep, frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per member: run keys and its metrics (flat names)."""
+    by_id = {r["run_id"]: r for _, r in frame.iterrows()}
+    rows = []
+    for m in sweep.members:
+        rows.append({"run_id": m.run_id, "method": m.method, "calib_lang": m.calib_lang,
+                     "calib_set": m.calib_set, **_metrics_of(by_id[m.run_id])})
+    table = pd.DataFrame(rows)
+    metric_cols = sorted(c for c in table.columns if c not in RUN_KEYS)
+    return table[RUN_KEYS + metric_cols]
+
+
+def member_tables(sweep: RT.Sweep, path: str) -> pd.DataFrame | None:
+    """A per-run analysis table of every member that has it, with the run keys prepended."""
+    parts = []
+    for m in sweep.members:
+        table = RT.read_csv_artifact(m.run_id, path)
+        if table is None:
+            continue
+        keys = {"run_id": m.run_id, "method": m.method, "calib_lang": m.calib_lang,
+                "calib_set": m.calib_set}
+        parts.append(table.assign(**keys)[RUN_KEYS + list(table.columns)])
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def _lape_scores(run_id: str, path: str, dst: Path) -> np.ndarray | None:
+    from analysis.lape import lape_scores
+
+    local = RT.download_artifact(run_id, path, dst / run_id)
+    if local is None:
+        return None
+    counts = load_file(str(local))
+    p = counts["over_zero"].double() / counts["tokens"].double()[..., None]
+    return lape_scores(p).numpy().reshape(-1)
+
+
+def iou_inputs(sweep: RT.Sweep) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
+    """The parent's IoU matrices (language x language, per method) and intra/inter summary."""
+    matrices = {}
+    for method in sorted({m.method for m in sweep.members}):
+        table = RT.read_csv_artifact(sweep.run_id, f"{RT.IOU_DIR}/matrix_{method}.csv")
+        if table is not None:
+            matrix = table.set_index("lang_a").astype(float)
+            matrix.index = matrix.index.astype(str)
+            matrix.index.name, matrix.columns.name = "lang_a", "lang_b"
+            matrices[method] = matrix
+    return matrices, RT.read_csv_artifact(sweep.run_id, f"{RT.IOU_DIR}/summary.csv")
+
+
+def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
+    """Everything :func:`analysis.report.build_report` needs, from the store alone."""
+    frame = RT.runs_frame(parent_run_id=sweep.run_id)
+    dense_rows = frame[frame["run_id"] == sweep.dense_run]
+    dense = _metrics_of(dense_rows.iloc[0]) if len(dense_rows) else {}
+    scores = {}
+    if (dense_scores := _lape_scores(sweep.run_id, RT.DENSE_LAPE_COUNTS, workdir)) is not None:
+        scores["dense"] = dense_scores
+    for m in sweep.members:
+        if (run_scores := _lape_scores(m.run_id, RT.LAPE_COUNTS, workdir)) is not None:
+            scores[m.run_id] = run_scores
+    iou, iou_summary = iou_inputs(sweep)
+    return ReportInputs(
+        sweep_run=sweep.run_id,
+        runs=runs_table(sweep, frame),
+        dense=dense,
+        eval_langs=split_list(sweep.params.get("eval_langs", "")),
+        tasks=split_list(sweep.params.get("tasks", "")),
+        sparsity={m.method: float(m.params.get("sparsity", "nan")) for m in sweep.members},
+        iou=iou,
+        iou_summary=iou_summary,
+        snr=member_tables(sweep, RT.SNR_TABLE),
+        lsar=member_tables(sweep, RT.LSAR_TABLE),
+        lape=member_tables(sweep, RT.LAPE_TABLE),
+        lape_scores=scores,
+    )
+
+
+def _writable_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LangpruneError(f"report_dir {folder} is not writable: {e.strerror}") from None
+
+
+def _replace_folder(built: Path, target: Path) -> None:
+    """Swap the freshly built report in for an older one (no stale files survive)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.move(str(built), str(target))
+
+
+def _log_files(parent: R.TrackedRun, files: Sequence[Path]) -> None:
+    for path in files:
+        parent.log_artifact(path, RT.REPORT_DIR)
+
+
+def run_report(cfg: Config) -> Path:
+    """Build the report of a sweep (``sweep_run`` or the newest finished one).
+
+    Returns:
+        The report folder ``report_dir/<sweep_run_id>``.
+
+    Raises:
+        LangpruneError: no sweep, no members, or an unwritable ``report_dir``.
+    """
+    R.check_tracking_reachable()
+    exp_id = R.experiment_id(cfg.run.experiment)
+    sweep = RT.load_sweep(RT.find_sweep(exp_id, cfg.analysis.sweep_run))
+    if not sweep.members:
+        raise LangpruneError(f"sweep {sweep.run_id} has no successful member runs")
+    root = Path(cfg.analysis.report_dir)
+    _writable_folder(root)
+    target = root / sweep.run_id
+    wrapper = None
+    if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run -e report` made
+        tags = {P.TAG_KIND: "report", P.TAG_STATE: "running", RT.TAG_SWEEP: sweep.run_id}
+        wrapper = R.attach_or_create(exp_id, f"report-{sweep.run_id[:8]}", tags)
+    with (R.run_guard(wrapper) if wrapper else contextlib.nullcontext()):
+        with tempfile.TemporaryDirectory(prefix=".report-", dir=root) as tmp:
+            inputs = read_inputs(sweep, Path(tmp) / "inputs")
+            built = Path(tmp) / "report"
+            build_report(inputs, built)
+            _replace_folder(built, target)
+        files = sorted(p for p in target.iterdir() if p.is_file())
+        _log_files(R.TrackedRun(sweep.run_id), files)
+        if wrapper is not None:
+            wrapper.log_artifact(target / "summary.md", RT.REPORT_DIR)
+            wrapper.finish()
+    print(f"report of sweep {sweep.run_id}: {len(files)} files in {target}")
+    return target
