@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import COMMAND_DEFAULTS, Config
 from pipeline.errors import LangpruneError
 
 log = logging.getLogger("langprune")
@@ -44,11 +44,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def build_config(config_file: str | None, items: Sequence[str]) -> Config:
+def build_config(config_file: str | None, items: Sequence[str], command: str = "") -> Config:
+    """The config of one command: its :data:`COMMAND_DEFAULTS`, then the YAML file, then
+    ``key=value`` overrides (later wins)."""
+    defaults = COMMAND_DEFAULTS.get(command, {})
     overrides = parse_overrides(items)
     if config_file:
-        return Config.from_yaml(config_file, overrides)
-    return Config.from_overrides(overrides)
+        return Config.from_yaml(config_file, overrides, defaults)
+    return Config.from_overrides({**defaults, **overrides})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     signal.signal(signal.SIGTERM, _on_signal)
     try:
-        cfg = build_config(args.config, args.overrides)
+        cfg = build_config(args.config, args.overrides, args.command)
         HANDLERS[args.command](cfg)
     except LangpruneError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -229,6 +229,13 @@ class RunCfg:
     output_dir: str = "outputs"  # local scratch for artifacts before they are logged
 
 
+# Defaults a command uses instead of the config's when the user does not set the key. The
+# sweep evaluates 14+ runs: with these budgets the default grid (7 languages x wanda,sparsegpt),
+# its analyses and the report fit in 90 minutes on two CPU cores (benchmarks/RESULTS.md).
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sweep": {"eval_tokens": 1024, "limit": 4},
+}
+
 OBJECTIVES_LOWER = ("ppl", "bpb")  # lower is better; any task name is higher-is-better
 SEARCH_MODES = ("fast", "exact")
 
@@ -376,15 +383,17 @@ class Config:
         return cls(**built)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-        """Load a flat YAML mapping of keys (same names as overrides), then apply overrides."""
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None,
+                  defaults: dict[str, Any] | None = None) -> Config:
+        """Load a flat YAML mapping of keys (same names as overrides) over ``defaults``, then
+        apply overrides."""
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise LangpruneError(f"cannot read config {path}: {e.strerror}") from None
         if not isinstance(data, dict):
             raise LangpruneError(f"config {path} must be a mapping of key: value")
-        return cls.from_overrides({**data, **(overrides or {})})
+        return cls.from_overrides({**(defaults or {}), **data, **(overrides or {})})
 
     def replace(self, **overrides: Any) -> Config:
         return Config.from_overrides(overrides, base=self)

@@ -13,7 +13,7 @@ import yaml
 from mlflow.projects._project_spec import load_project
 
 from pipeline.cli import build_config
-from pipeline.config import Config, canonical
+from pipeline.config import COMMAND_DEFAULTS, Config, canonical
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = load_project(str(ROOT))
@@ -62,7 +62,9 @@ SAMPLE = {
 }
 
 
-def _default(key: str) -> str:
+def _default(key: str, command: str = "") -> str:
+    if key in COMMAND_DEFAULTS.get(command, {}):
+        return canonical(COMMAND_DEFAULTS[command][key])
     f = Config.keys()[key][1]
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     return canonical(value)
@@ -73,7 +75,7 @@ def test_parameters_are_config_keys_with_config_defaults(name):
     ep = PROJECT.get_entry_point(name)
     for key, param in ep.parameters.items():
         assert key in Config.keys(), f"{name}: {key} is not a config key"
-        assert str(param.default) == _default(key), f"{name}: default of {key} drifted"
+        assert str(param.default) == _default(key, name), f"{name}: default of {key} drifted"
         assert f"{key}={{{key}}}" in ep.command, f"{name}: {key} is not passed to the CLI"
 
 
@@ -87,7 +89,7 @@ def test_every_parameter_reaches_the_config(name, tmp_path):
     flat = cfg.to_flat()
     for key, value in user.items():
         assert flat[key] == canonical(Config.from_overrides({key: value}).to_flat()[key])
-        assert flat[key] != _default(key) or value == _default(key)
+        assert flat[key] != _default(key, name) or value == _default(key, name)
 
 
 def test_main_has_the_parameters_researchers_use():
@@ -106,3 +108,16 @@ def test_conda_env_pins_match_pyproject():
     assert sorted(pip) == sorted(deps)
     assert all("==" in d for d in deps), "every runtime dependency is pinned"
     assert PROJECT.env_type == "conda_env"
+
+
+def test_command_defaults_sit_below_user_overrides(tmp_path):
+    """The sweep budgets apply only to keys the user leaves unset, on the CLI and in YAML."""
+    sweep = build_config(None, [], "sweep")
+    assert sweep.eval.eval_tokens == COMMAND_DEFAULTS["sweep"]["eval_tokens"]
+    assert sweep.eval.limit == COMMAND_DEFAULTS["sweep"]["limit"]
+    assert build_config(None, [], "main").eval.limit == Config().eval.limit
+    assert build_config(None, ["limit=16"], "sweep").eval.limit == 16
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("eval_tokens: 4096\n")
+    from_yaml = build_config(str(yaml_file), ["limit=2"], "sweep")
+    assert (from_yaml.eval.eval_tokens, from_yaml.eval.limit) == (4096, 2)
