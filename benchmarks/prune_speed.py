@@ -21,108 +21,50 @@ import copy
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import (
+    add_calib_args,
+    add_llama_args,
+    build_llama,
+    matmul_gflops,
+    prune_flops,
+    random_windows,
+    sync,
+)
+from transformers import LlamaForCausalLM
 
 from pipeline.capture import prune_layerwise
-from pipeline.models import find_linears, resolve_device, resolve_dtype
+from pipeline.models import resolve_device, resolve_dtype
 from pipeline.pruners import SparsityTarget
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--n-samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    add_llama_args(p)
+    add_calib_args(p)
     p.add_argument("--methods", default="wanda,sparsegpt")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--no-unshared", action="store_true", help="skip the unshared-statistics runs")
     return p.parse_args()
 
 
-def build_model(args: argparse.Namespace) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq_len, 2048),
-    )
-    torch.manual_seed(args.seed)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def matmul_gflops(device: torch.device, n: int = 2048, seconds: float = 1.0) -> float:
-    """Measured float32 matmul rate (TF32 as configured by torch's defaults, i.e. off)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-        if device.type == "cuda" and reps % 50:
-            continue
-        _sync(device)
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def estimate_gflop(model: LlamaForCausalLM, method: str, tokens: int, seq_len: int,
                    n_batches: int, shared: bool) -> float:
-    """Analytic useful work of one layer-wise prune, in GFLOP."""
-    layers = model.model.layers
-    lin = find_linears(layers[0])
-    params = sum(m.in_features * m.out_features for m in lin.values())
-    attn = 4 * tokens * seq_len * model.config.hidden_size / 2  # causal QK^T and AV
-    forward = 2 * params * tokens + attn
-    # one discovery forward (one batch), a statistics pass per layer, and propagation for
-    # all but the last layer
-    passes = 1 / n_batches + len(layers) + (len(layers) - 1)
-    total = passes * forward
-    dims = _stat_dims(lin, shared)
-    if method == "sparsegpt":
-        total += len(layers) * sum(2 * tokens * d * d for d in dims)  # X^T X
-        total += len(layers) * sum(4 / 3 * d**3 for d in dims)  # Cholesky, inverse, Cholesky
-        # OBS: lazy block updates ~ rows * cols^2, in-block updates ~ rows * cols * blocksize
-        total += len(layers) * sum(m.out_features * m.in_features * (m.in_features + 128)
-                                   for m in lin.values())
-    else:
-        total += len(layers) * sum(3 * tokens * d for d in dims)  # sum of squares
-    return total / 1e9
-
-
-def _stat_dims(lin: dict, shared: bool) -> list[int]:
-    """Input dims of one Llama layer's statistics (q/k/v and gate/up share one when shared)."""
-    if not shared:
-        return [m.in_features for m in lin.values()]
-    owners = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-    return [lin[name].in_features for name in owners]
+    """Analytic useful work of one layer-wise prune, in GFLOP (see ``_common.prune_flops``)."""
+    return sum(prune_flops(model, method, tokens, seq_len, n_batches, shared).values()) / 1e9
 
 
 def run_one(base: LlamaForCausalLM, windows: torch.Tensor, method: str, shared: bool,
             args: argparse.Namespace, device: torch.device):
     model = copy.deepcopy(base)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     result = prune_layerwise(model, windows, method, SparsityTarget(args.sparsity), device=device,
                              batch_size=args.batch_size, progress=False,
                              share_statistics=shared)
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - t0
     del model
     if device.type == "cuda":
@@ -135,10 +77,9 @@ def main() -> None:
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = build_model(args).to(dtype)
+    base = build_llama(args).to(dtype)
     n_params = sum(p.numel() for p in base.parameters())
-    gen = torch.Generator().manual_seed(args.seed)
-    windows = torch.randint(0, args.vocab, (args.n_samples, args.seq_len), generator=gen)
+    windows = random_windows(args.n_samples, args.seq_len, args.vocab, args.seed)
     peak = matmul_gflops(device)
     tokens = windows.numel()
     n_batches = -(-args.n_samples // args.batch_size)

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import COMMAND_DEFAULTS, Config
 from pipeline.errors import LangpruneError
+from tracking.reliability import apply_http_retry_defaults
 
 log = logging.getLogger("langprune")
 
@@ -138,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    apply_http_retry_defaults()  # ride out a tracking server restart (README "Reliability")
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         cfg = build_config(args.config, args.overrides, args.command)

@@ -140,7 +140,7 @@ class CalibCfg:
                 raise LangpruneError(f"blend weight for {lang!r} must be finite and >= 0, got {w}")
         total = sum(raw.values())
         if total <= 0:
-            raise LangpruneError("blend weights are all zero")
+            raise LangpruneError(f"blend weights are all zero: {self.calib_blend!r}")
         if abs(total - 1.0) > 1e-6:
             if not self.normalize_blend:
                 raise LangpruneError(

@@ -1,9 +1,10 @@
 """Entry-point jobs: the tracked ``main`` (prune + evaluate) and ``dense`` baseline runs.
 
-A job validates everything cheap first (config, tracking store, output folder), reuses a
-finished run with the same canonical config and code version unless ``force``, and only then
-loads the model. The dense baseline is evaluated once per model and evaluation config and
-reused by every pruned run (``ppl_ratio.<lang>`` compares against it).
+A job validates everything cheap first (config, tracking store, output folder, then
+:func:`check_inputs`: the model probed without its weights, every corpus and evaluation text
+read), reuses a finished run with the same canonical config and code version unless
+``force``, and only then loads the model. The dense baseline is evaluated once per model and
+evaluation config and reused by every pruned run (``ppl_ratio.<lang>`` compares against it).
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 
 from pipeline import stages
-from pipeline.config import Config
+from pipeline.config import CalibCfg, Config
 from pipeline.errors import LangpruneError
 from tracking import params as P
 from tracking import runs as R
 from tracking.logging import log_eval, log_prune, log_run_start
+
+if TYPE_CHECKING:
+    from pipeline.loading import ModelProbe
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,14 @@ class JobResult:
     metrics: dict[str, float]
 
 
-def preflight(cfg: Config) -> str:
-    """Cheap checks before any heavy work; returns the experiment id."""
+def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = True) -> str:
+    """Cheap checks before any heavy work; returns the experiment id.
+
+    Args:
+        cfg: the validated config.
+        calibs: the calibration configs the job will build (their corpora are checked).
+        inputs: also run :func:`check_inputs` (model, device, corpora, evaluation texts).
+    """
     R.check_tracking_reachable()
     out = Path(cfg.run.output_dir)
     try:
@@ -51,9 +62,44 @@ def preflight(cfg: Config) -> str:
         from pipeline.evaluate.lm_eval_runner import validate_tasks
 
         validate_tasks(cfg.eval.task_list, cfg.eval.eval_lang_list)
+    if inputs:
+        check_inputs(cfg, calibs)
     exp_id = R.experiment_id(cfg.run.experiment)
     R.reap_stale_runs(exp_id)
     return exp_id
+
+
+def check_inputs(cfg: Config, calibs: Sequence[CalibCfg] = (),
+                 eval_langs: Sequence[str] | None = None) -> ModelProbe | None:
+    """Check the model, the device and every text a job reads, without loading weights.
+
+    The model is probed (:func:`pipeline.loading.probe_model`: path, architecture, decoder
+    layers, tokenizer), ``seq_len``/``eval_seq_len`` are checked against what it allows,
+    each calibration corpus is read and, with the tokenizer, cut into the job's windows
+    (too short, non-UTF-8 or empty fails here), and the evaluation sentences of
+    ``eval_langs`` (default: ``cfg.eval_langs``) are read. Hub sources are left to loading.
+
+    Returns:
+        The :class:`~pipeline.loading.ModelProbe`, or None for sources not local yet.
+
+    Raises:
+        LangpruneError: the first problem found, as one line.
+    """
+    from pipeline.data.sampler import build_calibration, check_corpus
+    from pipeline.data.sources import get_source, load_eval_sentences
+    from pipeline.loading import probe_model
+
+    probe = probe_model(cfg.model)
+    if probe is not None:
+        stages.check_model_fits(cfg, probe.max_length)
+    for calib in dict.fromkeys(calibs):  # sweeps repeat a calibration per method
+        check_corpus(calib)
+        if probe is not None:
+            build_calibration(probe.tokenizer, calib, seed=cfg.run.seed, progress=False)
+    if not get_source(cfg.eval.eval_source).hub:
+        for lang in cfg.eval.eval_lang_list if eval_langs is None else eval_langs:
+            load_eval_sentences(cfg.eval.eval_source, lang)
+    return probe
 
 
 def _reuse(exp_id: str, config_hash: str, name: str) -> str | None:
@@ -71,9 +117,10 @@ def _reuse(exp_id: str, config_hash: str, name: str) -> str | None:
 
 
 def _load(cfg: Config):
-    from pipeline.loading import load_model
+    from pipeline.loading import load_model, probe_model
 
-    loaded = load_model(cfg.model)
+    probe = probe_model(cfg.model)  # cached by the preflight: its tokenizer is reused
+    loaded = load_model(cfg.model, probe.tokenizer if probe is not None else None)
     stages.check_model_fits(cfg, loaded.max_length)
     return loaded
 
@@ -123,7 +170,7 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
             None loads the model.
         check: run :func:`preflight` (callers that already did may skip it).
     """
-    exp_id = preflight(cfg) if check else R.experiment_id(cfg.run.experiment)
+    exp_id = preflight(cfg, [cfg.calib]) if check else R.experiment_id(cfg.run.experiment)
     name = P.run_name(cfg)
     if not cfg.run.force and (found := _reuse(exp_id, cfg.config_hash(), name)):
         return JobResult(found, True, run_metrics(found))
@@ -212,10 +259,8 @@ def run_sweep(cfg: Config) -> str:
     The parent records the member run ids (tag + ``sweep/members.json``), so reused runs
     from earlier sweeps or single ``main`` runs count as members without being copied.
     """
-    exp_id = preflight(cfg)
-    cells = sweep_cells(cfg)
-    for cell in cells:  # validate every cell (and its corpus size) before any heavy work
-        cell.calib.blend
+    cells = sweep_cells(cfg)  # every cell is validated (config and corpus) before heavy work
+    exp_id = preflight(cfg, [cell.calib for cell in cells])
     tags = P.run_tags(cfg, "sweep", "pending", "sweep")
     tags[P.TAG_HASH] = "sweep-" + cfg.config_hash()
     parent = R.attach_or_create(exp_id, f"sweep-{P.run_name(cfg, 'dense')[6:]}", tags)

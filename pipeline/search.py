@@ -46,26 +46,39 @@ host skips the shared pass.
 ``blend-<target>-<method>-<objective>-<mode>``), ``load_if_exists``. ``n_trials`` is the
 *total* number of trials the study should have started (running, complete, failed): a
 restarted worker runs only the missing ones, several workers stop together when the study
-reaches it (a simultaneous start may overshoot by at most workers - 1). The study records the
-config it was created with and refuses a different one. A killed worker's running trial is
-failed by Optuna's heartbeat. The sampler is TPE, seeded per trial from ``seed`` and the
-number of trials so far (plus the pid when other workers are active), so a resumed study does
-not replay its first trials and concurrent workers do not duplicate each other.
+reaches it. The count is exact however many workers start at once: the worker that creates
+the study (creation is atomic, so it is unique) enqueues every trial up front as a *slot*
+(trial 0 = target-only with fixed params, the others empty, so the sampler fills them in) and
+then marks the study provisioned (user attr ``langprune_slots``); the others wait for that
+mark. Workers only ever take an enqueued slot (an atomic WAITING -> RUNNING update: ``SELECT
+... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and never create a trial of
+their own (:class:`SlotStorage`), so trial numbers are unique and dense and the total is
+``n_trials``. Raising ``n_trials`` of an existing study tops the slots up (do that from one
+worker first). The study records the config it was created with and refuses a different one.
+A killed worker's running trial is failed at once by the next worker started on the same host
+(:func:`fail_orphaned_trials`), from other hosts by Optuna's heartbeat after ``GRACE_S``. The
+sampler is TPE, seeded per trial from ``seed`` and the number of trials started so far (plus
+the pid when other workers are active), so a resumed study does not replay its first trials
+and concurrent workers do not duplicate each other.
 
-All trial runs of all workers are children of one MLflow parent run, found by the tag
-``langprune.study`` (see :func:`tracking.optuna_mlflow.open_study_parent`).
+All trial runs of all workers are children of one MLflow parent run. The study's creator
+creates it (under ``mlflow run`` it adopts the run MLflow created) before it enqueues the slots
+and records its id in the study (user attr ``mlflow_parent_run``); every other worker reads it
+from there (see :func:`tracking.optuna_mlflow.open_study_parent`).
 
 **Verdict.** When the study is complete (the last worker to finish), the best blend and
 target-only are re-run in exact mode on ``calib_set`` 0..verdict_sets-1, evaluated on the
 target language only (``eval_tokens``, the objective's tasks). The per-set differences
 (positive = blend better) give a mean and a 95% paired t-interval; the answer is ``yes`` if
 the interval excludes 0 in favour of the blend, ``no`` if in favour of target-only, else
-``inconclusive``. If the best blend found is target-only itself, the answer is ``no`` and
-says so (no re-runs).
+``inconclusive``. If the best blend found is target-only itself, the best *non-target* blend
+is re-run against it instead (the question is whether any non-target blend beats
+target-only; a fast-mode ranking alone is no evidence either way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -89,7 +102,7 @@ from tqdm.auto import tqdm
 from pipeline import models, stages
 from pipeline.config import OBJECTIVES_LOWER, Config, format_blend, split_list
 from pipeline.errors import LangpruneError
-from pipeline.jobs import DenseSnapshot, preflight, run_main
+from pipeline.jobs import DenseSnapshot, check_inputs, preflight, run_main
 from pipeline.pruners import SparsityTarget
 from tracking import optuna_mlflow as OM
 from tracking import params as P
@@ -103,8 +116,10 @@ CONFIDENCE = 0.95
 HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
 GRACE_S = 180  # ... and is failed as stale by the next worker after this long without one
 STORAGE_ATTEMPTS = 4  # tries to open the storage (schema creation races between workers)
-ENQUEUE_WAIT_S = 10.0  # how long a worker that did not create the study waits for trial 0
+ENQUEUE_WAIT_S = 30.0  # how long a joining worker waits for the creator without progress
+WORKER_ATTR = "worker"  # trial user attr: host:pid of the worker running it
 CONFIG_ATTR = "langprune_config"  # study user attr: the config the study was created with
+SLOTS_ATTR = "langprune_slots"  # study user attr: trials enqueued (set after enqueuing them)
 STATS_FORMAT = "langprune.blendstats/1"
 COLUMNS, HESSIAN = "columns", "hessian"  # fast-mode statistic kinds
 STAT_KIND = {"wanda": COLUMNS, "sparsegpt": HESSIAN}
@@ -120,6 +135,27 @@ _TASK_KEYS = ("limit", "num_fewshot")
 
 class TrialFailure(Exception):
     """An expected trial failure (NaN objective, missing metric): recorded, never fatal."""
+
+
+class NoSlotLeft(Exception):
+    """Raised instead of creating a trial nobody enqueued: the study's slots are all taken."""
+
+
+class SlotStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage that only creates *enqueued* trials.
+
+    ``study.optimize`` first takes a WAITING trial (atomically) and creates a fresh one only
+    when none is left; several workers that all saw "one trial missing" would then each
+    create one and overshoot ``n_trials``. Here that fresh trial is refused
+    (:class:`NoSlotLeft`), so the enqueued slots bound the study exactly.
+    ``_create_new_trial`` is the one method both the plain and Optuna's cached storage call
+    (optuna is pinned; the scale-out test exercises it).
+    """
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        if template_trial is None:
+            raise NoSlotLeft("every enqueued trial of the study is taken")
+        return super()._create_new_trial(study_id, template_trial)
 
 
 # ---- objective ---------------------------------------------------------------------------
@@ -413,8 +449,11 @@ def save_stats(stats: LanguageStats, path: Path) -> None:
             "groups": json.dumps([[list(g.names) for g in layer] for layer in stats.layers])}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:  # a full disk or an interrupt leaves no partial file (a cache miss is cheap)
+        tmp.unlink(missing_ok=True)
 
 
 def load_stats(path: Path, device: torch.device) -> LanguageStats | None:
@@ -566,16 +605,95 @@ def study_config(cfg: Config, pool: Sequence[str], objective: Objective) -> dict
     return {**{k: flat[k] for k in keys}, "languages": ",".join(pool)}
 
 
-def open_study(cfg: Config, objective: Objective, pool: Sequence[str], url: str) -> optuna.Study:
-    """Create or load the study, check it matches this config, enqueue the fixed trials."""
+def open_study(cfg: Config, objective: Objective, pool: Sequence[str], url: str,
+               make_parent: Callable[[], str] | None = None) -> optuna.Study:
+    """Create or load the study, check it matches this config, enqueue its trial slots.
+
+    Args:
+        make_parent: Called only by the worker that creates the study, before any slot is
+            enqueued; returns the MLflow parent run id, stored as the study's user attr
+            :data:`tracking.optuna_mlflow.PARENT_ATTR` (one parent however many workers).
+    """
     name = default_study_name(cfg)
     study, created = _create_study(cfg, name, objective.direction, url)
+    if not created:
+        _wait_provisioned(study)
     if study.direction.name.lower() != objective.direction:
         raise LangpruneError(f"study {name} {study.direction.name.lower()}s, but objective "
                              f"{cfg.search.objective} needs {objective.direction}")
     _check_study_config(study, study_config(cfg, pool, objective))
+    if created and make_parent is not None:
+        study.set_user_attr(OM.PARENT_ATTR, make_parent())
+    fail_orphaned_trials(study)
     _enqueue_fixed(study, cfg, pool, created)
+    _enqueue_slots(study, cfg.search.n_trials)
     return study
+
+
+def _wait_provisioned(study: optuna.Study) -> None:
+    """Wait for the study's creator to enqueue the slots (its mark :data:`SLOTS_ATTR`).
+
+    The wait ends early only if the creator makes no progress (no new trial or study attr)
+    for :data:`ENQUEUE_WAIT_S`: then it died in between, or an older version created the
+    study, and this worker enqueues what is missing itself.
+    """
+    seen: tuple[int, int] = (-1, -1)
+    deadline = time.monotonic() + ENQUEUE_WAIT_S
+    while time.monotonic() < deadline:
+        attrs = study.user_attrs
+        if SLOTS_ATTR in attrs:
+            return
+        progress = (len(study.get_trials(deepcopy=False)), len(attrs))
+        if progress != seen:
+            seen, deadline = progress, time.monotonic() + ENQUEUE_WAIT_S
+        time.sleep(0.5)
+    log.warning("study %s: its creator enqueued no trials for %.0f s; enqueuing them here",
+                study.study_name, ENQUEUE_WAIT_S)
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker on this host is gone; returns their numbers.
+
+    A worker killed with SIGKILL (or by the OOM killer) cannot fail its own trial. Optuna's
+    heartbeat fails it only after :data:`GRACE_S` and only from inside ``optimize``; until then
+    the trial counts as started and blocks the verdict. A trial records its worker
+    (``host:pid``) first thing, so a restarted worker on the same host fails it at once (a
+    recycled pid is told apart by the process start time). Trials of other hosts are left
+    to the heartbeat. The trial's MLflow run was already ended FAILED by the stale-run reaper.
+    """
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner, _, pid = str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if owner != host or not pid.isdigit() or t.datetime_start is None:
+            continue
+        if R.pid_alive(int(pid), t.datetime_start.timestamp() * 1000):
+            continue
+        try:
+            # Trial(study, id) is Optuna's handle on a stored trial (FrozenTrial has no setter)
+            optuna.Trial(study, t._trial_id).set_user_attr(
+                OM.FAIL_ATTR, f"WorkerDied: worker {owner}:{pid} died during the trial")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        except (ValueError, RuntimeError) as e:  # another restarted worker was quicker
+            log.info("trial %d was already finished: %s", t.number, e)
+            continue
+        failed.append(t.number)
+        _mark_trial_run(study.trials[t.number])
+        log.warning("trial %d of %s failed: its worker %s:%s died", t.number,
+                    study.study_name, owner, pid)
+    return failed
+
+
+def _mark_trial_run(frozen: optuna.trial.FrozenTrial) -> None:
+    """Record the failed state on the trial's run; end it FAILED if nobody did yet."""
+    run_id = frozen.user_attrs.get(OM.RUN_ID_ATTR)
+    if not run_id:
+        return
+    run = R.TrackedRun(run_id)
+    if run.client.get_run(run_id).info.status == "RUNNING":
+        OM.end_trial_run(run, frozen)
+    else:
+        run.set_tags({OM.TAG_OPTUNA_STATE: frozen.state.name})
 
 
 def _create_study(cfg: Config, name: str, direction: str,
@@ -590,9 +708,11 @@ def _create_study(cfg: Config, name: str, direction: str,
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(
+                storage = SlotStorage(
                     url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S)
+            if url.startswith("sqlite"):
+                _serialise_sqlite(storage.engine)
             sampler = optuna.samplers.TPESampler(seed=cfg.run.seed)
             try:
                 return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
@@ -616,6 +736,26 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
 
 
+def _serialise_sqlite(engine: Any) -> None:
+    """Make every SQLite transaction ``BEGIN IMMEDIATE`` (SQLAlchemy's pysqlite recipe).
+
+    Python's sqlite3 starts a transaction only at the first write, so two workers could both
+    read a slot as WAITING and both take it (``SELECT ... FOR UPDATE`` is a no-op on SQLite).
+    Taking the write lock at BEGIN serialises them, as the row lock does on PostgreSQL.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_conn: Any, record: Any) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed
+
+
 def _check_study_config(study: optuna.Study, mine: dict[str, str]) -> None:
     theirs = study.user_attrs.get(CONFIG_ATTR)
     if theirs is None:
@@ -630,15 +770,11 @@ def _check_study_config(study: optuna.Study, mine: dict[str, str]) -> None:
 def _enqueue_fixed(study: optuna.Study, cfg: Config, pool: Sequence[str], created: bool) -> None:
     """Trial 0 = target-only; optionally every single-language blend.
 
-    The worker that created the study enqueues them. Another worker that finds the study
-    still empty waits :data:`ENQUEUE_WAIT_S` for that, then enqueues them itself (the creator
-    died in between); ``skip_if_exists`` keeps resumed studies from getting them twice.
+    The worker that created the study enqueues them. Another worker that still finds the study
+    empty after :func:`_wait_provisioned` enqueues them itself (the creator died in between);
+    ``skip_if_exists`` keeps resumed studies from getting them twice.
     """
     target = cfg.search.target_lang
-    if not created:
-        deadline = time.monotonic() + ENQUEUE_WAIT_S
-        while not study.get_trials(deepcopy=False) and time.monotonic() < deadline:
-            time.sleep(0.5)
     if created or not study.get_trials(deepcopy=False):
         study.enqueue_trial(corner(pool, target), user_attrs={"role": "target-only"},
                             skip_if_exists=True)
@@ -647,6 +783,18 @@ def _enqueue_fixed(study: optuna.Study, cfg: Config, pool: Sequence[str], create
             if lang != target:
                 study.enqueue_trial(corner(pool, lang), user_attrs={"role": f"single-{lang}"},
                                     skip_if_exists=True)
+
+
+def _enqueue_slots(study: optuna.Study, n_trials: int) -> None:
+    """Enqueue empty trials until the study holds ``n_trials``; then mark it provisioned.
+
+    An empty enqueued trial has no fixed params: the sampler suggests all of them when a
+    worker takes it. Workers take only enqueued trials (:class:`SlotStorage`).
+    """
+    have = len(study.get_trials(deepcopy=False))
+    for _ in range(n_trials - have):
+        study.enqueue_trial({})
+    study.set_user_attr(SLOTS_ATTR, max(have, n_trials))
 
 
 def started_trials(study: optuna.Study) -> int:
@@ -658,7 +806,8 @@ def _sampler(seed: int, study: optuna.Study) -> optuna.samplers.BaseSampler:
     """TPE seeded from the seed and the study's progress (module docstring, "workers")."""
     trials = study.get_trials(deepcopy=False)
     others = any(t.state == TrialState.RUNNING for t in trials)
-    key = f"{seed}:{len(trials)}:{os.getpid() if others else 0}"
+    started = sum(t.state != TrialState.WAITING for t in trials)  # all slots are enqueued
+    key = f"{seed}:{started}:{os.getpid() if others else 0}"
     return optuna.samplers.TPESampler(
         seed=int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little"))
 
@@ -672,10 +821,11 @@ def _objective_fn(ctx: _Search) -> Callable[[optuna.Trial], float]:
 
     def objective(trial: optuna.Trial) -> float:
         ctx.current_trial = trial.number
+        # first: a restarted worker fails this trial at once if this process dies
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         point = suggest_blend(trial, ctx.pool, n)
         trial.set_user_attr(OM.BLEND_ATTR, point.label)
         trial.set_user_attr(OM.TARGET_ONLY_ATTR, point.is_only(ctx.objective.target))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         run = ctx.logger.start(trial, f"trial-{trial.number}-{point.short}", point.params())
         try:
             if ctx.cfg.search.mode == "fast":
@@ -737,6 +887,8 @@ def run_trials(study: optuna.Study, ctx: _Search, n_trials: int, progress: bool 
             try:
                 study.optimize(objective, n_trials=1, catch=(Exception,),
                                callbacks=[ctx.logger], gc_after_trial=False)
+            except NoSlotLeft:  # other workers took the last slots
+                break
             except BaseException:
                 _abandon_current(study, ctx)
                 raise
@@ -893,19 +1045,38 @@ def _verdict_value(ctx: _Search, point: BlendPoint, calib_set: int,
     return ctx.objective.value(res.metrics), res.run_id
 
 
+def challenger(study: optuna.Study, pool: Sequence[str], target: str,
+               n_samples: int) -> tuple[BlendPoint | None, bool]:
+    """The blend the verdict re-runs against target-only: the best completed trial whose
+    effective blend is not target-only, and whether it is also the study's best trial.
+
+    When the search's best is target-only itself, the best *non-target* blend is still
+    re-run: the question is whether any non-target blend beats target-only, and a fast-mode
+    ranking alone is not evidence either way.
+    """
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.value is not None
+            and all(param_name(lang) in t.params for lang in pool)]
+    if not done:
+        return None, False
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    done.sort(key=lambda t: (sign * t.value, t.number))
+    for rank, trial in enumerate(done):
+        point = blend_from_raw({lang: trial.params[param_name(lang)] for lang in pool}, n_samples)
+        if not point.is_only(target):
+            return point, rank == 0
+    return None, False
+
+
 def run_verdict(ctx: _Search, study: optuna.Study) -> Verdict:
-    """Re-run the best blend and target-only in exact mode over ``verdict_sets`` sets."""
+    """Re-run the best non-target blend and target-only in exact mode over ``verdict_sets``."""
     target, n = ctx.objective.target, ctx.cfg.calib.n_samples
-    summary = OM.summarise_study(study)
-    if summary.best_trial < 0:
-        return make_verdict(target, "", [], [], ctx.cfg.search.objective)
-    best = blend_from_raw({lang: study.trials[summary.best_trial].params[param_name(lang)]
-                           for lang in ctx.pool}, n)
-    if best.is_only(target):
-        v = make_verdict(target, best.label, [], [], ctx.cfg.search.objective)
-        return Verdict(**{**asdict(v), "answer": "no",
-                          "statement": f"a non-target blend beats target-only for {target}: no",
-                          "detail": "the best blend found is target-only itself: no re-runs"})
+    best, is_best = challenger(study, ctx.pool, target, n)
+    if best is None:
+        v = make_verdict(target, "", [], [], ctx.cfg.search.objective)
+        return Verdict(**{**asdict(v), "detail": "no completed non-target blend to re-run"})
+    if not is_best:
+        log.info("the search's best blend is target-only; re-running the best non-target "
+                 "blend %s against it", best.label)
     only = blend_from_raw(single(ctx.pool, target), n)
     sign = 1.0 if ctx.objective.direction == "minimize" else -1.0
     diffs, pairs = [], []
@@ -920,7 +1091,11 @@ def run_verdict(ctx: _Search, study: optuna.Study) -> Verdict:
         diffs.append(sign * (t - b))
         pairs.append({"calib_set": k, "blend": b, "target_only": t, "improvement": diffs[-1],
                       "blend_run": b_run, "target_only_run": t_run})
-    return make_verdict(target, best.label, diffs, pairs, ctx.cfg.search.objective)
+    verdict = make_verdict(target, best.label, diffs, pairs, ctx.cfg.search.objective)
+    if is_best:
+        return verdict
+    return dataclasses.replace(verdict, detail="the search's best blend was target-only; "
+                               "re-ran the best non-target blend. " + verdict.detail)
 
 
 def log_verdict(parent: R.TrackedRun, verdict: Verdict) -> None:
@@ -967,7 +1142,9 @@ def _parent_params(cfg: Config, name: str, pool: Sequence[str],
     """
     fixed = study_config(cfg, pool, objective)
     fixed.pop("languages")
-    return {**fixed, "study_name": name, "search_pool": ",".join(pool)}
+    # The resolved name goes to ``study``: ``study_name`` is a config key, and under `mlflow run`
+    # MLflow has already logged the raw value ('' for the default) as that param.
+    return {**fixed, "study": name, "search_pool": ",".join(pool)}
 
 
 def run_search(cfg: Config, *, progress: bool = True) -> SearchResult:
@@ -976,12 +1153,19 @@ def run_search(cfg: Config, *, progress: bool = True) -> SearchResult:
     Cheap checks come first (objective, pool, tracking store, storage), then the model loads.
     """
     objective, pool, url = _validate(cfg)
-    exp_id = preflight(cfg)
-    study = open_study(cfg, objective, pool, url)
-    name = study.study_name
+    exp_id = preflight(cfg, inputs=False)
+    # the fast-mode statistics read n_samples windows of every pool language
+    probe = check_inputs(cfg, [cfg.replace(calib_lang=lang, calib_blend="").calib
+                               for lang in pool], [objective.target])
+    if probe is not None:
+        _check_verdict_corpus(cfg, probe.tokenizer)
+    name = default_study_name(cfg)
     tags = {**P.run_tags(cfg, "search", "pending", "search"), OM.TAG_MODE: cfg.search.mode,
             P.TAG_HASH: "search-" + cfg.config_hash()}
-    parent, worker = OM.open_study_parent(exp_id, name, tags)
+    study = open_study(cfg, objective, pool, url,
+                       make_parent=lambda: OM.create_study_parent(exp_id, name, tags))
+    parent, worker = OM.open_study_parent(exp_id, name, tags,
+                                          study.user_attrs.get(OM.PARENT_ATTR))
     trial_tags, trial_params = _base_tags_params(cfg, name)
     ctx = _Search(cfg, objective, pool, name, exp_id, parent,
                   OM.TrialLogger(parent, exp_id, trial_tags, trial_params))
@@ -991,7 +1175,10 @@ def run_search(cfg: Config, *, progress: bool = True) -> SearchResult:
                          "langprune.study_storage": safe_url(url)})
         ran, verdict = _search_body(ctx, study, progress)
         summary = OM.summarise_study(study)
-        parent.finish(state="complete" if verdict is not None else "incomplete")
+        if verdict is not None:
+            parent.finish(state="complete")
+        elif not OM.parent_complete(parent):  # never undo the verdict of a faster worker
+            parent.finish(state="incomplete")
     if worker is not None:
         worker.set_tags({"langprune.trials_run": str(ran)})
         worker.finish()
@@ -1016,6 +1203,9 @@ def _search_body(ctx: _Search, study: optuna.Study,
         log.info("other workers still run trials of %s; the last to finish runs the verdict",
                  ctx.study_name)
         return ran, None
+    if not claim_verdict(study):
+        log.info("another worker runs the verdict of %s", ctx.study_name)
+        return ran, None
     if ctx.loaded is None:
         _load_model(ctx)
     verdict = run_verdict(ctx, study)
@@ -1023,10 +1213,40 @@ def _search_body(ctx: _Search, study: optuna.Study,
     return ran, verdict
 
 
-def _load_model(ctx: _Search) -> None:
-    from pipeline.loading import load_model
+VERDICT_ATTR = "langprune_verdict"  # study user attr: host:pid:claim_ms of the verdict's worker
 
-    ctx.loaded = load_model(ctx.cfg.model)
+
+def claim_verdict(study: optuna.Study) -> bool:
+    """Elect the one worker that runs the verdict of a complete study.
+
+    Creating a study is atomic (unique name), so the worker that creates the side study
+    ``<name>--verdict`` wins; the others skip the verdict. The winner records itself as
+    ``host:pid:claim time`` in the study; a worker restarted on the same host takes over when that
+    process is gone and the parent has no verdict yet (a killed verdict is re-run).
+    """
+    storage = study._storage
+    side = f"{study.study_name}--verdict"
+    me = f"{socket.gethostname()}:{os.getpid()}:{time.time() * 1000:.0f}"
+    try:
+        storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], side)
+    except optuna.exceptions.DuplicatedStudyError:
+        owner = str(study.user_attrs.get(VERDICT_ATTR, ""))
+        host, _, rest = owner.partition(":")
+        pid, _, start = rest.partition(":")
+        gone = (host == socket.gethostname() and pid.isdigit()
+                and not R.pid_alive(int(pid), float(start or 0)))
+        if not gone:
+            return False
+        log.info("the verdict's worker %s is gone; taking over", owner)
+    study.set_user_attr(VERDICT_ATTR, me)
+    return True
+
+
+def _load_model(ctx: _Search) -> None:
+    from pipeline.loading import load_model, probe_model
+
+    probe = probe_model(ctx.cfg.model)  # cached by the preflight: its tokenizer is reused
+    ctx.loaded = load_model(ctx.cfg.model, probe.tokenizer if probe is not None else None)
     stages.check_model_fits(ctx.cfg, ctx.loaded.max_length)
     _check_verdict_corpus(ctx.cfg, ctx.loaded.tokenizer)
     ctx.snapshot = DenseSnapshot(ctx.loaded.model)

@@ -34,16 +34,19 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None,
+                 backend_store_uri: str | None = None) -> None:
         self.root = root
         self.port = port or free_port()
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, timeout: float = 90.0) -> None:
+        """Start the server and wait until ``/health`` answers (``timeout`` s at most)."""
         cmd = [
             str(VENV_BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--backend-store-uri", self.backend_store_uri,
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
@@ -51,7 +54,7 @@ class MlflowServer:
         self.log = open(self.root / f"server-{self.port}.log", "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_http(self.url + "/health", 90)
+        wait_http(self.url + "/health", timeout)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -120,3 +123,71 @@ def runs_table(server_url: str, exp_id: str, search: str, columns: list[str],
             return page.get_by_role("row").all_inner_texts()
         finally:
             browser.close()
+
+
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+
+
+def postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL bin folder (``initdb``, ``pg_ctl``), None if absent."""
+    found = sorted(Path("/").glob(PG_BIN_GLOB.lstrip("/")),
+                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return next((p for p in reversed(found) if (p / "initdb").is_file()), None)
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 and a free port (trust auth, user postgres).
+
+    ``initdb`` refuses to run as root, so as root every server command runs through
+    ``runuser -u postgres`` and the data folder is given to that user.
+    """
+
+    def __init__(self, root: Path, bin_dir: Path, port: int | None = None) -> None:
+        self.root = root
+        self.bin = bin_dir
+        self.port = port or free_port()
+        self.data = root / "pgdata"
+        self.sock = root / "pgsock"
+        self.started = False
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+    def _run(self, *cmd: str, timeout: float = 120) -> None:
+        proc = subprocess.run(self._as_owner(*cmd), capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "LC_ALL": "C.UTF-8"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sock.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            for p in (self.root, self.sock):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            self.root.chmod(0o700)
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                  "--auth=trust", "-E", "UTF8", "--no-sync")
+        opts = (f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 "
+                "-c fsync=off -c max_connections=200")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts,
+                  "-l", str(self.root / "postgres.log"), "-w", "-t", "60", "start")
+        self.started = True
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name``; return its SQLAlchemy URL (psycopg2 driver)."""
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                  "-U", "postgres", name)
+        return self.url(name)
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        if self.started:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                      "stop")
+            self.started = False

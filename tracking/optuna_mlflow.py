@@ -41,6 +41,7 @@ RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's child run
 FAIL_ATTR = "fail_reason"  # trial user attr: why a trial failed (one line)
 BLEND_ATTR = "calib_blend"  # trial user attr: the effective blend, canonical string
 TARGET_ONLY_ATTR = "target_only"  # trial user attr: True when the blend is target-only
+PARENT_ATTR = "mlflow_parent_run"  # study user attr: the study's MLflow parent run id
 
 
 def find_study_parents(exp_id: str, study_name: str) -> list[str]:
@@ -50,43 +51,96 @@ def find_study_parents(exp_id: str, study_name: str) -> list[str]:
     return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
 
 
-def open_study_parent(exp_id: str, study_name: str,
-                      tags: Mapping[str, str]) -> tuple[R.TrackedRun, R.TrackedRun | None]:
-    """Find or create the study's parent run; returns ``(parent, this worker's own run)``.
+def create_study_parent(exp_id: str, study_name: str, tags: Mapping[str, str]) -> str:
+    """The parent run for a new study: an existing one with its tag, else a new run.
 
-    Every worker of a study (and every restart) shares one parent, found by the tag
-    :data:`TAG_STUDY`. Without one, a worker creates it (under ``mlflow run``, the run MLflow
-    created becomes the parent) and searches again: if several workers created one at the
-    same moment, the oldest (start time, then run id) wins and the others delete theirs. Runs
-    that ``mlflow run`` created and that are not the parent become ``search-worker`` children
-    of it (the worker run returned; None otherwise). The parent is set RUNNING with this
-    process's pid, so the stale-run reaper leaves it alone while this worker lives.
+    Called by the one worker that created the Optuna study (creation is atomic), which then
+    records the id in the study (:data:`PARENT_ATTR`), so concurrent workers cannot make two.
+    Under ``mlflow run`` the run MLflow created becomes the parent.
     """
-    env_run = os.environ.get("MLFLOW_RUN_ID")
-    own = {**tags, P.TAG_KIND: "search", TAG_STUDY: study_name}
     found = find_study_parents(exp_id, study_name)
-    created: R.TrackedRun | None = None
-    if not found:
-        created = R.attach_or_create(exp_id, f"search-{study_name}", own)
-        found = find_study_parents(exp_id, study_name) or [created.run_id]
-    parent = R.TrackedRun(found[0])
-    worker = None
-    if created is not None and created.run_id != parent.run_id:
-        if created.run_id == env_run:
-            created.set_tags({P.TAG_KIND: "search-worker", MLFLOW_PARENT_RUN_ID: parent.run_id})
-            worker = created
-        else:
-            R.client().delete_run(created.run_id)
-    elif created is None and env_run:
+    if found:  # the study's storage was recreated; keep its runs together
+        return found[0]
+    own = {**tags, P.TAG_KIND: "search", TAG_STUDY: study_name}
+    return R.attach_or_create(exp_id, f"search-{study_name}", own).run_id
+
+
+def _usable_parent(exp_id: str, run_id: str | None) -> str | None:
+    """``run_id`` if it is a live run of this experiment in this tracking store, else None."""
+    if not run_id:
+        return None
+    try:
+        info = R.client().get_run(run_id).info
+    except Exception as e:  # another tracking store, or deleted for good
+        log.warning("study parent run %s not found (%s); electing one by tag", run_id, e)
+        return None
+    if info.experiment_id != exp_id or info.lifecycle_stage != "active":
+        log.warning("study parent run %s is deleted or in another experiment; electing one "
+                    "by tag", run_id)
+        return None
+    return run_id
+
+
+def _elect_by_tag(exp_id: str, study_name: str,
+                  tags: Mapping[str, str]) -> tuple[str, R.TrackedRun | None]:
+    """Find or create the parent by tag (studies whose record names no usable parent).
+
+    If several workers create one at the same moment, the oldest (start time, then run id)
+    wins and the others delete theirs; a losing run that ``mlflow run`` created is kept as
+    this worker's run (returned second).
+    """
+    found = find_study_parents(exp_id, study_name)
+    if found:
+        return found[0], None
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    created = create_study_parent(exp_id, study_name, tags)
+    found = find_study_parents(exp_id, study_name) or [created]
+    if created == found[0]:
+        return created, None
+    if created != env_run:
+        R.client().delete_run(created)
+        return found[0], None
+    worker = R.TrackedRun(created)
+    worker.set_tags({P.TAG_KIND: "search-worker", MLFLOW_PARENT_RUN_ID: found[0]})
+    return found[0], worker
+
+
+def open_study_parent(exp_id: str, study_name: str, tags: Mapping[str, str],
+                      parent_id: str | None = None) -> tuple[R.TrackedRun, R.TrackedRun | None]:
+    """Open the study's parent run; returns ``(parent, this worker's own run)``.
+
+    Every worker of a study (and every restart) shares one parent: ``parent_id``, the run the
+    study records (:data:`PARENT_ATTR`, see :func:`create_study_parent`). A study without a
+    usable record (made by an older version, or its parent was deleted) elects one by the tag
+    :data:`TAG_STUDY`. A run that ``mlflow run`` created and that is not the parent becomes a
+    ``search-worker`` child of it (the worker run returned; None otherwise). The parent is set
+    RUNNING with this process's pid, so the stale-run reaper leaves it alone while this worker
+    lives.
+    """
+    worker: R.TrackedRun | None = None
+    recorded = _usable_parent(exp_id, parent_id)
+    if recorded is None:
+        recorded, worker = _elect_by_tag(exp_id, study_name, tags)
+    parent = R.TrackedRun(recorded)
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run == recorded:
+        os.environ.pop("MLFLOW_RUN_ID")  # later runs of this process are our own
+    elif env_run and worker is None:
         worker = R.attach_or_create(exp_id, f"worker-{study_name}", {
             **tags, P.TAG_KIND: "search-worker", TAG_STUDY: study_name,
-            MLFLOW_PARENT_RUN_ID: parent.run_id})
+            MLFLOW_PARENT_RUN_ID: recorded})
     R.client().update_run(parent.run_id, status="RUNNING")
     if "langprune.error" in R.client().get_run(parent.run_id).data.tags:
         R.client().delete_tag(parent.run_id, "langprune.error")  # an earlier worker's failure
     parent.set_tags({P.TAG_STATE: "running", P.TAG_PID: tags[P.TAG_PID],
                      P.TAG_HOST: tags[P.TAG_HOST]})
     return parent, worker
+
+
+def parent_complete(parent: R.TrackedRun) -> bool:
+    """True when a worker already ended the study's parent with its verdict."""
+    run = parent.client.get_run(parent.run_id)
+    return run.info.status == "FINISHED" and run.data.tags.get(P.TAG_STATE) == "complete"
 
 
 class TrialLogger:

@@ -14,6 +14,7 @@ from importlib import metadata
 from pipeline.config import RUN_SECTIONS, Config, format_blend
 from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
+from tracking.reliability import TAG_HTTP_RETRIES, http_retry_tag
 
 # Tag keys written by langprune (the UI shows them; searches use them).
 TAG_KIND = "langprune.kind"  # pruned | dense | sweep | search | trial | verdict
@@ -137,6 +138,7 @@ def run_tags(cfg: Config, kind: str, device: str, entry_point: str) -> dict[str,
         TAG_HOST: socket.gethostname(),
         TAG_DEVICE: device,
         TAG_ENTRY: entry_point,
+        TAG_HTTP_RETRIES: http_retry_tag(),  # how long this run waits out a lost server
         "mlflow.source.git.commit": commit,
     }
     tags.update(versions())

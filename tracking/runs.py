@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -53,9 +54,12 @@ def tracking_uri() -> str:
 
 def check_tracking_reachable() -> None:
     """Fail fast with one clear line if the tracking store cannot be reached."""
+    from tracking.reliability import quick_http_failure
+
     uri = tracking_uri()
     try:
-        client().search_experiments(max_results=1)
+        with quick_http_failure():  # the long mid-run retries are not meant for a wrong URI
+            client().search_experiments(max_results=1)
     except Exception as e:  # MLflow raises several types for an unreachable store
         raise LangpruneError(f"cannot reach the MLflow tracking store {uri}: {_first_line(e)}")
 
@@ -128,7 +132,9 @@ class TrackedRun:
 
     # ---- artifacts ----------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        name = f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name
+        with _artifact_errors(self.run_id, name):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_json(self, obj: Any, name: str) -> None:
         self._log_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), name)
@@ -146,7 +152,9 @@ class TrackedRun:
             path = Path(tmp) / Path(safe).name
             path.write_bytes(data)
             parent = str(Path(safe).parent)
-            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+            with _artifact_errors(self.run_id, safe):
+                self.client.log_artifact(self.run_id, str(path),
+                                         None if parent == "." else parent)
 
     def log_dataset(self, df: pd.DataFrame, name: str, source: str, context: str) -> None:
         """Log a data set as an MLflow dataset input, shown in the UI's inputs column."""
@@ -178,10 +186,29 @@ class TrackedRun:
         self.client.set_terminated(self.run_id, status)
 
 
+@contextmanager
+def _artifact_errors(run_id: str, name: str) -> Iterator[None]:
+    """A full disk or an unwritable artifact location as one clear line (the run then ends
+    FAILED through :func:`run_guard`); MLflow passes the OSError of a local store through."""
+    try:
+        yield
+    except OSError as e:
+        where = f" at {e.filename}" if e.filename else ""
+        raise LangpruneError(f"cannot store artifact {name} of run {run_id}{where}: "
+                             f"{e.strerror or _first_line(e)}") from None
+
+
 def safe_artifact_name(name: str) -> str:
-    """An artifact path built from user input that cannot escape its folder."""
-    parts = [p for p in Path(name).as_posix().split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts) or Path(name).is_absolute():
+    """An artifact path built from user input that cannot escape its folder.
+
+    Refused: empty names, absolute paths (``/x``, ``C:x``, ``\\\\host``), any ``..`` part,
+    backslashes (a separator on Windows and some object stores), NUL and other control
+    characters. ``.`` parts and repeated slashes are dropped.
+    """
+    bad_char = any(ord(c) < 32 or c in "\\\x7f" for c in name)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if (bad_char or not parts or name.startswith("/") or any(p == ".." for p in parts)
+            or re.match(r"^[A-Za-z]:", name)):
         raise LangpruneError(f"unsafe artifact name {name!r}")
     return "/".join(parts)
 
@@ -246,7 +273,8 @@ def _end_badly(run: TrackedRun, state: str, status: str, reason: str) -> None:
         log.error("could not mark run %s %s: %s", run.run_id, status, _first_line(e))
 
 
-def _pid_alive(pid: int, started_ms: int) -> bool:
+def pid_alive(pid: int, started_ms: float) -> bool:
+    """Whether process ``pid`` on this host exists and is the one started by ``started_ms``."""
     import psutil
 
     try:
@@ -274,7 +302,7 @@ def reap_stale_runs(exp_id: str, now_s: float | None = None) -> list[str]:
         tags = r.data.tags
         pid = tags.get(P.TAG_PID)
         if pid is not None:
-            if tags.get(P.TAG_HOST) != host or _pid_alive(int(pid), r.info.start_time):
+            if tags.get(P.TAG_HOST) != host or pid_alive(int(pid), r.info.start_time):
                 continue
             reason = "process died without ending the run (killed?)"
         elif now_ms - r.info.start_time > STALE_UNSTARTED_S * 1000:

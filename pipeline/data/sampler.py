@@ -245,6 +245,23 @@ def build_calibration(
     return CalibrationSet(torch.from_numpy(windows), manifest)
 
 
+def check_corpus(calib: CalibCfg) -> None:
+    """Cheap checks of a calibration config's text without a tokenizer.
+
+    The source must be calibration text with every language of the blend; bundled files
+    are read (missing, corrupt or non-UTF-8 files fail here, naming the file). Hub sources
+    are only checked for reachability when loaded.
+
+    Raises:
+        LangpruneError: one of the problems above.
+    """
+    counts = count_windows(calib)
+    _check_source(calib.calib_source, counts)
+    if not get_source(calib.calib_source).hub:
+        for lang in counts:
+            load_documents(calib.calib_source, lang)
+
+
 def _check_source(source: str, counts: Mapping[str, int]) -> None:
     """The source must be calibration text and have every language of the blend."""
     if get_source(source).role != CALIBRATION:

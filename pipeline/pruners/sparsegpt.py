@@ -46,6 +46,9 @@ DEFAULT_BLOCKSIZE = 128  # columns per lazy-update block (SparseGPT paper)
 DEFAULT_PERCDAMP = 0.01  # damping as a fraction of mean(diag H) (SparseGPT paper)
 DAMP_GROWTH = 10.0  # factor applied to the damping after a failed Cholesky
 MAX_DAMP_RETRIES = 6  # up to 10^6 x the initial damping before giving up
+# Columns per nested lazy update inside a block (see _prune_block): small enough that the
+# rank-1 updates touch little memory, large enough that the sub-block matmuls are efficient.
+SUBBLOCK = 16
 
 
 @dataclass
@@ -110,19 +113,24 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, in
     Raises:
         LangpruneError: if every retry fails.
     """
-    n = hessian.shape[0]
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
-    mean_diag = float(torch.diagonal(hessian).mean())
+    diag = torch.diagonal(hessian)  # a view: damping is added in place, then undone
+    undamped = diag.clone()
+    mean_diag = float(undamped.mean())
     damp = percdamp * (mean_diag if mean_diag > 0 else 1.0)
-    for retry in range(MAX_DAMP_RETRIES + 1):
-        chol, info = torch.linalg.cholesky_ex(hessian + damp * eye)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, retry
-        log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g",
-                    damp, damp * DAMP_GROWTH)
-        damp *= DAMP_GROWTH
+    try:
+        for retry in range(MAX_DAMP_RETRIES + 1):
+            # H + lambda I without a second d x d matrix (and without building I).
+            torch.add(undamped, damp, out=diag)
+            chol, info = torch.linalg.cholesky_ex(hessian)
+            if int(info) == 0:
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+                if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                    return upper, retry
+            log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g",
+                        damp, damp * DAMP_GROWTH)
+            damp *= DAMP_GROWTH
+    finally:
+        diag.copy_(undamped)
     raise LangpruneError(
         f"sparsegpt: Cholesky failed even with damping {damp / DAMP_GROWTH:.3g} "
         f"after {MAX_DAMP_RETRIES} retries (Hessian not positive definite)"
@@ -215,8 +223,12 @@ def _prune_block(
     """Prune columns ``i1:i2`` of ``W`` in place (setting ``mask``); returns (errors, loss).
 
     Works on the transposed block so each column is one contiguous row, and folds the
-    mask and 1 / U_cc into one ``scale``: per column, err = w * scale is one multiply and the
-    rest-of-block update one ``addr_`` (the per-column loop is launch/latency bound).
+    mask and 1 / U_cc into one ``scale``: per column, err = w * scale is one multiply. The
+    rest-of-block update is itself lazy: within a sub-block of :data:`SUBBLOCK` columns
+    each error is spread by one rank-1 ``addr_``, and at the sub-block's end all of its
+    errors reach the rest of the block in one matmul. This is the same arithmetic as
+    per-column updates of the whole block (the paper's lazy batch idea, nested), but most of
+    the work becomes matmuls instead of memory-bound rank-1 updates.
     """
     block_t = W[:, i1:i2].T.contiguous()  # [cols, rows]
     hinv1 = hinv[i1:i2, i1:i2]
@@ -227,18 +239,32 @@ def _prune_block(
         mask_t = lowest_in_matrix(block_t.square() / d.square()[:, None], sparsity)
     scale = mask_t / d[:, None]
     errors_t = torch.empty_like(block_t)
-    for i in range(i2 - i1):
-        if m and i % m == 0:  # N:M: choose each group on the weights updated so far
-            group = block_t[i : i + m].square() / d[i : i + m].square()[:, None]
-            mask_t[i : i + m] = lowest_n_of_m(group.T, n, m).T
-            scale[i : i + m] = mask_t[i : i + m] / d[i : i + m, None]
-        torch.mul(block_t[i], scale[i], out=errors_t[i])  # (w - q) / U_cc, q = pruned w
-        # Spread the error over the rest of the block; column i itself becomes q (up to
-        # rounding for pruned entries, which are zeroed exactly below).
-        block_t[i:].addr_(hinv1[i, i:], errors_t[i], alpha=-1.0)
+    cols = i2 - i1
+    sub = _subblock(m)
+    for s1 in range(0, cols, sub):
+        s2 = min(s1 + sub, cols)
+        for i in range(s1, s2):
+            if m and i % m == 0:  # N:M: choose each group on the weights updated so far
+                group = block_t[i : i + m].square() / d[i : i + m].square()[:, None]
+                mask_t[i : i + m] = lowest_n_of_m(group.T, n, m).T
+                scale[i : i + m] = mask_t[i : i + m] / d[i : i + m, None]
+            torch.mul(block_t[i], scale[i], out=errors_t[i])  # (w - q) / U_cc, q = pruned w
+            # Spread the error over the rest of the sub-block; column i itself becomes q (up
+            # to rounding for pruned entries, which are zeroed exactly below).
+            block_t[i:s2].addr_(hinv1[i, i:s2], errors_t[i], alpha=-1.0)
+        if s2 < cols:
+            block_t[s2:].addmm_(hinv1[s1:s2, s2:].T, errors_t[s1:s2], alpha=-1.0)
     W[:, i1:i2] = block_t.masked_fill_(mask_t, 0.0).T
     mask[:, i1:i2] = mask_t.T
     return errors_t.T, errors_t.square().sum() / 2
+
+
+def _subblock(m: int) -> int:
+    """Sub-block width: :data:`SUBBLOCK`, rounded up to a multiple of M so that every N:M
+    group lies inside one sub-block (its columns are up to date when it is chosen)."""
+    if not m:
+        return SUBBLOCK
+    return m * -(-SUBBLOCK // m)
 
 
 class SparseGPTPruner(LayerPruner):

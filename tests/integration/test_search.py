@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import numpy as np
 import optuna
 import pytest
@@ -27,19 +26,6 @@ from tracking import params as P
 from tracking.runs import Interrupted
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("LANGPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
 
 
 def overrides(model_dir, tmp_path, **kw) -> dict[str, str]:
@@ -131,16 +117,45 @@ def test_paired_interval_and_decision_on_hand_made_numbers():
     assert v.answer == "inconclusive" and v.statement.endswith("for sw: inconclusive")
 
 
-def test_best_target_only_blend_gives_no_without_re_runs(tmp_path):
-    cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw", "n_samples": "4"})
-    study = optuna.create_study(direction="minimize")
+def _study_with(trials, direction="minimize"):
+    study = optuna.create_study(direction=direction)
     dist = optuna.distributions.FloatDistribution(0.0, 1.0)
-    for params, value in (({"w_de": 0.0, "w_sw": 1.0}, 10.0), ({"w_de": 1.0, "w_sw": 0.2}, 11.0)):
+    for params, value in trials:
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: dist for k in params}, value=value))
+    return study
+
+
+def test_target_only_best_still_re_runs_the_best_non_target_blend(monkeypatch):
+    cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw", "n_samples": "4",
+                                 "verdict_sets": "3"})
+    study = _study_with([({"w_de": 0.0, "w_sw": 1.0}, 10.0),   # target-only, the best
+                         ({"w_de": 1.0, "w_sw": 0.0}, 12.0),   # de only
+                         ({"w_de": 1.0, "w_sw": 1.0}, 11.0)])  # de:0.5,sw:0.5, best non-target
+    point, is_best = S.challenger(study, ["de", "sw"], "sw", 4)
+    assert point.label == "de:0.5,sw:0.5" and not is_best
+    seen = []
+
+    def fake_value(ctx, point, calib_set, role):  # exact re-runs: blend worse by 1 +- 0.1
+        seen.append((point.label, calib_set, role))
+        return (10.0 + 0.1 * calib_set, "t") if role == "target-only" else (11.0, "b")
+
+    monkeypatch.setattr(S, "_verdict_value", fake_value)
+    ctx = S._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
+    verdict = S.run_verdict(ctx, study)
+    assert {label for label, _, role in seen if role == "blend"} == {"de:0.5,sw:0.5"}
+    assert sorted({k for _, k, _ in seen}) == [0, 1, 2]
+    assert verdict.answer == "no" and verdict.ci_high < 0
+    assert "best non-target blend" in verdict.detail
+    assert verdict.mean == pytest.approx(-0.9)
+
+
+def test_no_non_target_trial_is_inconclusive():
+    cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw", "n_samples": "4"})
+    study = _study_with([({"w_de": 0.0, "w_sw": 1.0}, 10.0)])
     ctx = S._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
     verdict = S.run_verdict(ctx, study)  # would fail on ctx.loaded=None if it re-ran anything
-    assert verdict.answer == "no" and "target-only itself" in verdict.detail
+    assert verdict.answer == "inconclusive" and "no completed non-target" in verdict.detail
 
 
 # ---- fast-mode statistics ---------------------------------------------------------------
@@ -234,7 +249,9 @@ def test_trial0_target_only_interrupt_and_resume(store, tiny_model_dir, tmp_path
     with pytest.raises(Interrupted):
         S.run_search(cfg, progress=False)
     study = load_study(cfg)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    # all n_trials are enqueued up front as slots; the third was never taken
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                               TrialState.WAITING]
     assert "Interrupted" in study.trials[1].user_attrs[OM.FAIL_ATTR]
     killed = {int(r.data.tags[OM.TAG_TRIAL]): r for r in trial_runs(store, study.study_name)}
     assert killed[1].info.status == "KILLED"
@@ -312,7 +329,7 @@ def test_two_processes_share_one_study(store, tiny_model_dir, tmp_path):
     study = load_study(small_cfg(tiny_model_dir, tmp_path, languages="de,sw"))
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers)))
-    assert n_trials <= len(numbers) <= n_trials + 1  # a simultaneous last start may overshoot
+    assert len(numbers) == n_trials  # workers take enqueued slots only: no overshoot
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     runs = trial_runs(store, study.study_name)
     assert sorted(int(r.data.tags[OM.TAG_TRIAL]) for r in runs) == numbers  # each exactly once
@@ -321,3 +338,35 @@ def test_two_processes_share_one_study(store, tiny_model_dir, tmp_path):
                                     study.study_name)
     assert len(parents) == 1
     assert sum(t.user_attrs.get("role") == "target-only" for t in study.trials) == 1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"study_name": "mine", "languages": "de,sw"}])
+def test_parent_params_agree_with_what_mlflow_run_logs(overrides):
+    """Under `mlflow run`, MLflow logs every entry-point param with its raw value before our
+    code runs; a parent param with the same key and another value would be a conflict."""
+    from tracking.params import same_param_value
+
+    cfg = Config.from_overrides({"target_lang": "sw", **overrides})
+    objective, pool, _ = S._validate(cfg)
+    params = S._parent_params(cfg, S.default_study_name(cfg), pool, objective)
+    raw = cfg.to_flat()
+    for key, value in params.items():
+        if key in raw:
+            assert same_param_value(key, raw[key], value), f"{key}: {raw[key]!r} vs {value!r}"
+    assert params["study"] == S.default_study_name(cfg)
+
+
+def test_one_worker_claims_the_verdict_and_a_dead_owner_is_replaced(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    first = optuna.create_study(study_name="s", storage=url)
+    second = optuna.load_study(study_name="s", storage=url)
+    assert S.claim_verdict(first) is True
+    assert S.claim_verdict(second) is False  # the owner (this process) is alive
+    owner = optuna.load_study(study_name="s", storage=url).user_attrs[S.VERDICT_ATTR]
+    assert owner.split(":")[1] == str(os.getpid())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = owner.split(":")[0]
+    first.set_user_attr(S.VERDICT_ATTR, f"{host}:{dead}:0")  # a worker that died
+    assert S.claim_verdict(second) is True
+    assert S.claim_verdict(first) is False

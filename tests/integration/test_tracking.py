@@ -7,27 +7,13 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
 from pipeline.jobs import run_main
 from tracking import params as P
 from tracking import runs as R
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(None)
 
 
 def small_cfg(model_dir, **kw) -> Config:

@@ -20,6 +20,8 @@ from pipeline.pruners import (
     sparsegpt_prune,
     wanda_prune,
 )
+from pipeline.pruners import masks as masks_mod
+from pipeline.pruners import sparsegpt as sparsegpt_mod
 from pipeline.pruners.masks import lowest_in_matrix, lowest_per_row, prune_count
 
 
@@ -91,6 +93,24 @@ def test_selection_equals_the_first_k_of_a_stable_sort(seed):
         assert torch.equal(lowest_in_matrix(scores, sparsity), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_selection_fast_path_equals_kthvalue_with_ties_and_signed_zeros(dtype):
+    """The numpy introselect used on the CPU finds the value torch.kthvalue finds."""
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.randint(-2, 3, (32, 48), generator=gen).to(dtype)
+    scores[scores == 0] = torch.tensor([-0.0, 0.0], dtype=dtype).repeat(24 * 32)[
+        : int((scores == 0).sum())]
+    for k in (1, 7, 24, 47):
+        got = masks_mod._kth_smallest(scores, k, dim=-1)
+        assert torch.equal(got, scores.kthvalue(k, dim=-1, keepdim=True).values)
+        flat = scores.reshape(-1)
+        assert torch.equal(masks_mod._kth_smallest(flat, 5 * k, dim=0),
+                           flat.kthvalue(5 * k, dim=0, keepdim=True).values)
+        order = torch.argsort(scores.float(), dim=1, stable=True)[:, :k]
+        expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        assert torch.equal(masks_mod._lowest(scores, k, dim=-1), expected)
+
+
 # ---- exact sparsity -------------------------------------------------------------------------
 
 
@@ -155,6 +175,27 @@ def test_sparsegpt_matches_the_reference_algorithm():
     ref_w, ref_mask = _reference_sparsegpt(w, h, 0.5, blocksize=16)
     assert torch.equal(ours.mask, ref_mask)
     torch.testing.assert_close(ours.weight, ref_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4), (1, 3)])
+def test_sparsegpt_nested_lazy_updates_equal_per_column_updates(monkeypatch, n, m):
+    """Sub-blocks inside a block (SUBBLOCK) change only the order of float32 sums: the masks
+    equal those of per-column updates over the whole block (and of the reference)."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(48, 240, generator=gen)
+    h = _hessian(torch.randn(600, 240, generator=gen) @ torch.randn(240, 240, generator=gen))
+    sparsity = n / m if m else 0.5
+    assert sparsegpt_mod.SUBBLOCK < 120  # the nested path runs
+    nested = sparsegpt_prune(w, h, sparsity, n, m, blocksize=120)
+    monkeypatch.setattr(sparsegpt_mod, "SUBBLOCK", 120)  # one sub-block = the whole block
+    flat = sparsegpt_prune(w, h, sparsity, n, m, blocksize=120)
+    assert torch.equal(nested.mask, flat.mask)
+    torch.testing.assert_close(nested.weight, flat.weight, atol=1e-5, rtol=1e-4)
+    assert nested.loss == pytest.approx(flat.loss, rel=1e-4)
+    if not m:
+        ref_w, ref_mask = _reference_sparsegpt(w, h, 0.5, blocksize=120)
+        assert torch.equal(nested.mask, ref_mask)
+        torch.testing.assert_close(nested.weight, ref_w, atol=1e-5, rtol=1e-4)
 
 
 def _reference_sparsegpt(W, H, sparsity, blocksize, percdamp=0.01):
