@@ -94,7 +94,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(masks_mod, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(LangpruneError, match="cannot write masks to .*: disk full"):
         save_masks(_random_masks(), tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
 
