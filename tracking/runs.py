@@ -90,6 +90,18 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
+_PARAM_ATTEMPTS = 4
+# How SQLite, PostgreSQL and MySQL (through SQLAlchemy) word a unique-key violation.
+_CONFLICT_WORDS = ("IntegrityError", "UniqueViolation", "UNIQUE constraint failed",
+                   "duplicate key value", "Duplicate entry")
+
+
+def is_concurrent_insert(e: BaseException) -> bool:
+    """Whether an MLflow error is a unique-key conflict with a concurrent writer."""
+    text = str(e)
+    return any(w in text for w in _CONFLICT_WORDS)
+
+
 class TrackedRun:
     """Logging for one run id. Only this class writes params/metrics/artifacts."""
 
@@ -100,16 +112,35 @@ class TrackedRun:
 
     # ---- params, tags, metrics ----------------------------------------------------------
     def log_params(self, params: Mapping[str, str]) -> None:
-        """Log params; keys ``mlflow run`` already logged must mean the same value."""
-        existing = self.client.get_run(self.run_id).data.params
-        for k, v in params.items():
-            if k in existing and not P.same_param_value(k, existing[k], str(v)):
-                raise LangpruneError(
-                    f"param {k} was logged as {existing[k]!r} but the run uses {v!r}"
-                )
-        items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 90):  # log_batch: at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[i : i + 90])
+        """Log params; keys already logged (by ``mlflow run`` or another worker) must mean the
+        same value.
+
+        Several search workers log the same params to one parent run. MLflow's SQL store reads
+        the existing params and then inserts the new ones without retrying, so two workers can
+        both insert a key and the slower one fails on the unique key (IntegrityError). That
+        conflict is retried here: the params are read again and only the missing ones logged.
+        """
+        for attempt in range(_PARAM_ATTEMPTS):
+            existing = self.client.get_run(self.run_id).data.params
+            for k, v in params.items():
+                if k in existing and not P.same_param_value(k, existing[k], str(v)):
+                    raise LangpruneError(
+                        f"param {k} was logged as {existing[k]!r} but the run uses {v!r}"
+                    )
+            items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+            try:
+                for i in range(0, len(items), 90):  # log_batch: at most 100 params per call
+                    self.client.log_batch(self.run_id, params=items[i : i + 90])
+                return
+            except mlflow.exceptions.MlflowException as e:
+                # "Changing param values": another worker's differing value landed between our
+                # read and the store's; reading again turns it into our one-line error.
+                changed = "Changing param values is not allowed" in str(e)
+                if attempt == _PARAM_ATTEMPTS - 1 or not (is_concurrent_insert(e) or changed):
+                    raise
+                log.debug("params of run %s were logged concurrently; checking again: %s",
+                          self.run_id, _first_line(e))
+                time.sleep(0.2 * (attempt + 1))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -128,7 +159,17 @@ class TrackedRun:
 
     def _log_metric_items(self, items: list[Metric]) -> None:
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+            chunk = items[i : i + _BATCH]
+            for attempt in range(_PARAM_ATTEMPTS):
+                try:
+                    self.client.log_batch(self.run_id, metrics=chunk)
+                    break
+                # Workers logging the same new metric key to one parent can collide on the
+                # store's latest-metric row; a metric point is idempotent, so log it again.
+                except mlflow.exceptions.MlflowException as e:
+                    if attempt == _PARAM_ATTEMPTS - 1 or not is_concurrent_insert(e):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
 
     # ---- artifacts ----------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

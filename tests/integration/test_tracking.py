@@ -87,3 +87,65 @@ def test_dead_runs_are_reaped(store):
     orphan = R.new_run(exp, "env-setup-died", {})
     assert orphan not in R.reap_stale_runs(exp)
     assert orphan in R.reap_stale_runs(exp, now_s=time.time() + R.STALE_UNSTARTED_S + 60)
+
+
+
+@pytest.fixture
+def lose_the_race(store, monkeypatch):
+    """Make the next params insert of MLflow's SQL store lose a race with another worker.
+
+    The other worker's params are written straight into the database after the store has read
+    the run's existing params and before it inserts its own, the window two search workers
+    logging to one parent run share. The store's insert then really fails on the unique key.
+    """
+    import sqlite3
+
+    from mlflow.store.tracking import sqlalchemy_store as S
+
+    db = os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")
+    real = S.SqlParam
+    pending: list[tuple[str, dict[str, str]]] = []
+    refused: list[str] = []
+
+    def param_after_the_other_worker(**kw):
+        while pending:
+            run_id, other = pending.pop()
+            with sqlite3.connect(db) as con:
+                con.executemany("INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
+                                [(k, v, run_id) for k, v in other.items()])
+            con.close()
+        return real(**kw)
+
+    monkeypatch.setattr(S, "SqlParam", param_after_the_other_worker)
+    real_log_batch = store.__class__.log_batch
+
+    def log_batch(self, run_id, *a, **kw):
+        try:
+            return real_log_batch(self, run_id, *a, **kw)
+        except Exception as e:
+            refused.append(str(e))
+            raise
+
+    monkeypatch.setattr(store.__class__, "log_batch", log_batch)
+    return lambda run_id, other: pending.append((run_id, other)), refused
+
+
+def test_params_logged_concurrently_by_another_worker_are_not_an_error(store, lose_the_race):
+    race, refused = lose_the_race
+    exp = store.create_experiment("race")
+    run_id = store.create_run(exp).info.run_id
+    params = {"study": "s1", "method": "wanda", "sparsity": "0.5"}
+    race(run_id, {"study": "s1", "method": "wanda"})
+    R.TrackedRun(run_id).log_params(params)
+    assert len(refused) == 1 and R.is_concurrent_insert(Exception(refused[0])), refused
+    assert store.get_run(run_id).data.params == params
+
+
+def test_a_concurrent_worker_with_other_param_values_is_still_refused(store, lose_the_race):
+    race, refused = lose_the_race
+    exp = store.create_experiment("race2")
+    run_id = store.create_run(exp).info.run_id
+    race(run_id, {"method": "sparsegpt"})
+    with pytest.raises(LangpruneError, match="param method was logged as 'sparsegpt'"):
+        R.TrackedRun(run_id).log_params({"method": "wanda", "sparsity": "0.5"})
+    assert len(refused) == 1
