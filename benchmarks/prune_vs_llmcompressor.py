@@ -66,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--noise-batch-size", type=int, default=4,
                    help="batch size of the extra langprune run that measures the rounding noise "
                         "floor of mask agreement (0 = skip it)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per side, alternating langprune and llm-compressor; the table "
+                        "shows each side's median run and lists all times")
     p.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     p.add_argument("--side", choices=["langprune"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -256,8 +259,12 @@ def main() -> None:
                         "method": method, "sparsity": args.sparsity,
                         "blocksize": args.blocksize, "percdamp": args.percdamp,
                         "batch_size": args.batch_size, "threads": args.threads}
-                lp = run_side("langprune", sys.executable, spec, tmp)
-                lc = run_side("llmc", args.llmc_python, spec, tmp)
+                lps, lcs = [], []
+                for r in range(max(args.repeat, 1)):  # alternate, so drifts hit both sides
+                    tag = f"_r{r}" if r else ""
+                    lps.append(run_side("langprune", sys.executable, spec, tmp, tag=tag))
+                    lcs.append(run_side("llmc", args.llmc_python, spec, tmp, tag=tag))
+                lp, lc = median_run(lps), median_run(lcs)
                 cmp = compare(lp["weights"], lc["weights"])
                 if args.noise_batch_size:
                     # Same method, windows and settings; only the batching (so the order of
@@ -278,6 +285,16 @@ def main() -> None:
               f"{'met' if cpu >= 2 else 'MISSED'} on CPU time ({cpu:.2f}x; wall {wall:.2f}x)")
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time (the lower middle one for an even count), with the
+    wall and CPU times of all runs attached."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    pick = dict(ordered[(len(ordered) - 1) // 2])
+    pick["all_wall_s"] = [r["wall_s"] for r in runs]
+    pick["all_cpu_s"] = [r["cpu_s"] for r in runs]
+    return pick
+
+
 def print_row(model: str, method: str, lp: dict, lc: dict, cmp: dict, header: bool) -> None:
     if header:
         head = (f"{'model':<6} {'method':<9} {'lp s':>7} {'llmc s':>7} {'speedup':>7} "
@@ -296,6 +313,11 @@ def print_row(model: str, method: str, lp: dict, lc: dict, cmp: dict, header: bo
           f"{cmp['sparsity_a']:8.4f}/{cmp['sparsity_b']:.4f} {lc['load']:>15}", flush=True)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in lp.get("timings", {}).items())
     print(f"{'':<17}langprune seconds: {parts}", flush=True)
+    if len(lp.get("all_wall_s", [])) > 1:
+        for side, run in (("langprune", lp), ("llm-compressor", lc)):
+            walls = " ".join(f"{w:.2f}" for w in run["all_wall_s"])
+            cpus = " ".join(f"{c:.1f}" for c in run["all_cpu_s"])
+            print(f"{'':<17}{side} runs, wall s: {walls}; cpu s: {cpus}", flush=True)
     if "noise" in cmp:
         nz = cmp["noise"]
         b1, b2 = nz["batches"]

@@ -34,6 +34,7 @@ from pipeline import models
 from pipeline.errors import LangpruneError
 from pipeline.masks import PackedMask, pack_mask
 from pipeline.pruners import LayerPruner, SparsityTarget, Statistic, make_pruner
+from pipeline.pruners.masks import all_finite
 from pipeline.sparsity import ModuleSparsity, record_module
 
 log = logging.getLogger(__name__)
@@ -460,7 +461,7 @@ def _validate_linears(
                 f"decoder layer {i} ({type(layer).__name__}) has no nn.Linear to prune"
             )
         for name, lin in linears.items():
-            if not bool(torch.isfinite(lin.weight).all()):
+            if not all_finite(lin.weight):
                 raise LangpruneError(f"{prefix}.{i}.{name}: weight contains NaN or Inf")
             if target.m and lin.in_features % target.m:
                 raise LangpruneError(

@@ -62,19 +62,27 @@ class PackedMask:
 def pack_mask(mask: Tensor) -> PackedMask:
     """Pack a bool tensor (any device) into a :class:`PackedMask`.
 
-    The packing runs on the mask's device, so only 1/8 of the data crosses to the CPU.
+    On an accelerator the packing runs on the mask's device, so only 1/8 of the data crosses
+    to the CPU; on the CPU numpy's ``packbits`` does it (~50x faster than the tensor path).
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be bool, got {mask.dtype}")
     flat = mask.detach().reshape(-1)
+    shape = tuple(int(s) for s in mask.shape)
+    if flat.device.type == "cpu":
+        return PackedMask(np.packbits(flat.numpy(), bitorder="little"), shape)
+    return PackedMask(pack_bits_on_device(flat).cpu().numpy(), shape)
+
+
+def pack_bits_on_device(flat: Tensor) -> Tensor:
+    """Little-order bit packing of a flat bool tensor with tensor ops (runs on any device)."""
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
     # Summing distinct powers of two is a bitwise OR; int32 accumulation is supported everywhere.
     packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.int32)
-    packed = packed.to(torch.uint8)
-    return PackedMask(packed.cpu().numpy(), tuple(int(s) for s in mask.shape))
+    return packed.to(torch.uint8)
 
 
 def _as_packed(mask: Tensor | PackedMask) -> PackedMask:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.pruners.base import PruneOutcome
+from pipeline.pruners.masks import count_true
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,9 @@ def record_module(
             layer=layer,
             module=module,
             numel=weight_before.numel(),
-            pruned=int(outcome.mask.sum()),
-            zeros_before=int((weight_before == 0).sum()),
-            zeros_after=int((outcome.weight == 0).sum()),
+            pruned=count_true(outcome.mask),
+            zeros_before=weight_before.numel() - count_true(weight_before),
+            zeros_after=outcome.weight.numel() - count_true(outcome.weight),
             loss=outcome.loss,
             damp_retries=outcome.damp_retries,
         )

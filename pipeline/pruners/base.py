@@ -26,6 +26,7 @@ from torch import Tensor
 
 from pipeline.config import parse_nm
 from pipeline.errors import LangpruneError
+from pipeline.pruners.masks import all_finite
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class ColumnSquares(Statistic):
         return self.sum_sq.sqrt()
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.sum_sq).all())
+        return all_finite(self.sum_sq)
 
     @property
     def nbytes(self) -> int:
@@ -162,22 +163,49 @@ class ColumnSquares(Statistic):
 
 
 class Hessian(Statistic):
-    """The sum over all calibration tokens of x x^T, float32 ``[in, in]`` (SparseGPT)."""
+    """The sum over all calibration tokens of x x^T, float32 ``[in, in]`` (SparseGPT).
+
+    X^T X is symmetric, so only the blocks on and above the diagonal are accumulated: row
+    block ``i`` gets ``X_i^T X[:, i:]``, one GEMM per block of :data:`SYM_BLOCK` rows. For
+    d = 2048 that is 9/16 of the FLOPs of the full ``addmm`` (torch exposes no ``syrk``);
+    the lower triangle is mirrored in place once, when the Hessian is read.
+    """
+
+    #: Rows per block of the symmetric accumulation; a single full GEMM below twice this.
+    SYM_BLOCK = 256
 
     def __init__(self, in_features: int, device: torch.device) -> None:
         super().__init__(in_features, device)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._mirrored = True
 
     def _accumulate(self, flat: Tensor) -> None:
         x32 = flat.float()
-        self.xtx.addmm_(x32.T, x32)
+        d, b = self.in_features, self.SYM_BLOCK
+        if d < 2 * b:
+            self.xtx.addmm_(x32.T, x32)
+            return
+        self._mirrored = False
+        for i in range(0, d, b):
+            self.xtx[i : i + b, i:].addmm_(x32[:, i : i + b].T, x32[:, i:])
+
+    def _mirror(self) -> None:
+        """Copy the accumulated upper blocks onto the lower ones (in place, block by block)."""
+        if self._mirrored:
+            return
+        d, b = self.in_features, self.SYM_BLOCK
+        for i in range(0, d, b):
+            self.xtx[i + b :, i : i + b] = self.xtx[i : i + b, i + b :].T
+        self._mirrored = True
 
     def hessian(self) -> Tensor:
         """H = 2 X X^T / N with N the number of calibration windows (SparseGPT's scale)."""
+        self._mirror()
         return self.xtx * (2.0 / max(self.n_windows, 1))
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.xtx).all())
+        self._mirror()
+        return all_finite(self.xtx)
 
     @property
     def nbytes(self) -> int:

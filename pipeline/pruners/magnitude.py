@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from pipeline.pruners.base import LayerPruner, PruneOutcome, SparsityTarget, Statistic, check_target
-from pipeline.pruners.masks import check_weight, select_mask
+from pipeline.pruners.masks import check_weight, select_mask, zero_where
 
 
 def magnitude_prune(
@@ -45,7 +45,7 @@ def magnitude_prune(
     check_target(sparsity, n, m)
     check_weight(weight)
     mask = select_mask(weight.detach().abs().float(), sparsity, n, m, per="matrix")
-    return weight.detach().masked_fill(mask, 0), mask
+    return zero_where(weight.detach(), mask), mask
 
 
 class MagnitudePruner(LayerPruner):

@@ -38,7 +38,13 @@ from pipeline.pruners.base import (
     Statistic,
     check_target,
 )
-from pipeline.pruners.masks import check_weight, lowest_in_matrix, lowest_n_of_m
+from pipeline.pruners.masks import (
+    all_finite,
+    check_weight,
+    lowest_in_matrix,
+    lowest_n_of_m,
+    zero_where,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ def factor_hessian(hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP) -> Hessi
     """
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise LangpruneError(f"hessian must be square, got shape {tuple(hessian.shape)}")
-    if not bool(torch.isfinite(hessian).all()):
+    if not all_finite(hessian):
         raise LangpruneError("hessian contains NaN or Inf")
     H = hessian.detach().to(torch.float32, copy=True)
     dead = torch.diagonal(H) == 0
@@ -124,7 +130,7 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, in
             chol, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
                 upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-                if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                if int(info) == 0 and all_finite(upper):
                     return upper, retry
             log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g",
                         damp, damp * DAMP_GROWTH)
@@ -204,7 +210,9 @@ def sparsegpt_prune_factored(
     _check_inputs(weight, factor.upper, n, m, blocksize)
     W = weight.detach().to(torch.float32, copy=True)
     hinv = factor.upper.to(W.device)
-    W[:, factor.dead.to(W.device)] = 0.0
+    dead = factor.dead.to(W.device)
+    if bool(dead.any()):
+        W[:, dead] = 0.0
     mask = torch.empty(W.shape, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), dtype=torch.float32, device=W.device)
     cols = W.shape[1]
@@ -213,7 +221,7 @@ def sparsegpt_prune_factored(
         errors, loss_block = _prune_block(W, hinv, mask, i1, i2, sparsity, n, m)
         loss += loss_block
         # Lazy batch update: the block's errors reach all later columns in one matmul.
-        W[:, i2:].sub_(errors @ hinv[i1:i2, i2:])
+        W[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1.0)
     return SparseGPTResult(W.to(weight.dtype), mask, float(loss), factor.damp_retries)
 
 
@@ -254,7 +262,7 @@ def _prune_block(
             block_t[i:s2].addr_(hinv1[i, i:s2], errors_t[i], alpha=-1.0)
         if s2 < cols:
             block_t[s2:].addmm_(hinv1[s1:s2, s2:].T, errors_t[s1:s2], alpha=-1.0)
-    W[:, i1:i2] = block_t.masked_fill_(mask_t, 0.0).T
+    W[:, i1:i2] = zero_where(block_t, mask_t).T
     mask[:, i1:i2] = mask_t.T
     return errors_t.T, errors_t.square().sum() / 2
 

@@ -29,7 +29,7 @@ from pipeline.pruners.base import (
     Statistic,
     check_target,
 )
-from pipeline.pruners.masks import check_weight, select_mask
+from pipeline.pruners.masks import all_finite, check_weight, select_mask, zero_where
 
 
 def wanda_scores(weight: Tensor, col_norms: Tensor) -> Tensor:
@@ -69,10 +69,10 @@ def wanda_prune(
         raise LangpruneError(
             f"col_norms has shape {tuple(col_norms.shape)}, expected ({weight.shape[1]},)"
         )
-    if not bool(torch.isfinite(col_norms).all()):
+    if not all_finite(col_norms):
         raise LangpruneError("col_norms contain NaN or Inf")
     mask = select_mask(wanda_scores(weight, col_norms), sparsity, n, m, per="row")
-    return weight.detach().masked_fill(mask, 0), mask
+    return zero_where(weight.detach(), mask), mask
 
 
 class WandaPruner(LayerPruner):

@@ -14,6 +14,7 @@ from pipeline.masks import (
     apply_masks,
     load_masks,
     load_packed,
+    pack_bits_on_device,
     pack_mask,
     read_metadata,
     save_masks,
@@ -36,6 +37,8 @@ def test_pack_mask_is_numpy_packbits_little(shape):
     assert packed.bits.dtype == np.uint8 and np.array_equal(packed.bits, expected)
     assert packed.shape == shape and packed.count() == int(mask.sum())
     assert torch.equal(packed.unpack(), mask)
+    # the tensor-op packing used on accelerators gives the same bytes
+    assert np.array_equal(pack_bits_on_device(mask.reshape(-1)).numpy(), expected)
 
 
 def test_round_trip_is_exact_and_checksummed(tmp_path):
