@@ -930,6 +930,7 @@ def run_analyze(cfg: Config) -> None:
     guard = R.run_guard(wrapper) if wrapper is not None else contextlib.nullcontext()
     with guard, tempfile.TemporaryDirectory(prefix="langprune-analyze-") as tmp:
         paths = {m.run_id: RT.download_masks(m.run_id, tmp) for m in sweep.members}
+        check_mask_files(cfg, sweep, paths)
         parent = R.TrackedRun(sweep.run_id)
         analyze_iou(parent, sweep.members, paths, progress=True)
         done = _analyze_members(cfg, sweep, parent, todo, paths)
@@ -938,6 +939,43 @@ def run_analyze(cfg: Config) -> None:
         if wrapper is not None:
             wrapper.log_json({"sweep_run": sweep.run_id, "analyzed": done}, "analyze.json")
             wrapper.finish()
+
+
+def check_mask_files(cfg: Config, sweep: RT.Sweep, paths: Mapping[str, Path]) -> None:
+    """Before the model loads: every member's mask file is intact (format, sha256), is the file
+    the run logged (its ``langprune.masks_sha256`` tag), and fits the model (every name a
+    module with a weight of the mask's shape, read off the model's meta-device skeleton).
+
+    Raises:
+        LangpruneError: one line naming the run and the first problem.
+    """
+    from pipeline.loading import probe_model
+
+    probe = probe_model(analysis_model_cfg(cfg, sweep.params))
+    for member in sweep.members:
+        path = paths[member.run_id]
+        load_packed(path)  # format and payload checksum
+        meta = read_metadata(path)
+        logged = member.tags.get("langprune.masks_sha256")
+        if logged and meta["sha256"] != logged:
+            raise LangpruneError(
+                f"mask file of run {member.run_id} has sha256 {meta['sha256'][:12]}..., but the "
+                f"run logged {logged[:12]}...: the artifact was replaced"
+            )
+        if probe is None:  # a model not yet converted: apply_masks checks shapes later
+            continue
+        for name, shape in json.loads(meta["shapes"]).items():
+            want = probe.weight_shapes.get(name)
+            if want is None:
+                raise LangpruneError(
+                    f"mask file of run {member.run_id}: {name!r} names no module with a weight "
+                    f"in {probe.folder}"
+                )
+            if tuple(shape) != want:
+                raise LangpruneError(
+                    f"mask file of run {member.run_id}: {name!r} has shape {tuple(shape)}, the "
+                    f"model's weight has {want}"
+                )
 
 
 def _analyze_members(

@@ -66,6 +66,10 @@ def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = Tr
         check_inputs(cfg, calibs)
     exp_id = R.experiment_id(cfg.run.experiment)
     R.reap_stale_runs(exp_id)
+    from pipeline.masks import remove_stale_temporaries
+
+    for path in remove_stale_temporaries(out):
+        log.warning("removed %s, a partial mask file of a killed run", path)
     return exp_id
 
 

@@ -153,12 +153,15 @@ class ModelProbe:
         tokenizer: Its tokenizer (corpus checks need it before the model is loaded).
         max_length: Longest sequence its config allows (None if it does not say).
         n_layers: Number of decoder layers found.
+        weight_shapes: Shape of every module weight, by module name (read off the skeleton),
+            so mask files can be checked against the model before it is loaded.
     """
 
     folder: str
     tokenizer: Any = field(repr=False)
     max_length: int | None = None
     n_layers: int = 0
+    weight_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
 
 @functools.lru_cache(maxsize=4)  # the job's later load_model reuses the probe's tokenizer
@@ -199,7 +202,9 @@ def probe_model(cfg: ModelCfg) -> ModelProbe | None:
     from pipeline.models import find_decoder_layers
 
     _, layers = find_decoder_layers(skeleton)
-    return ModelProbe(folder, tokenizer, model_max_length(skeleton), len(layers))
+    shapes = {name: tuple(m.weight.shape) for name, m in skeleton.named_modules()
+              if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return ModelProbe(folder, tokenizer, model_max_length(skeleton), len(layers), shapes)
 
 
 def _local_folder(cfg: ModelCfg) -> str | None:

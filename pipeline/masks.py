@@ -5,7 +5,9 @@ File format: one safetensors file. Each module name maps to a 1-D uint8 tensor h
 holds ``format``, ``version``, ``bitorder``, the JSON ``shapes`` of every mask and the
 ``sha256`` of the payload (names, shapes and bits, in sorted name order), plus any caller
 metadata. Files are written to a temporary name and renamed, so a crash never leaves a
-partial file under the final name.
+partial file under the final name. The temporary name records the writer's host and pid
+(``.masks.safetensors~host~pid~XXXX.tmp``), so a file left by a killed writer is recognised
+and removed by :func:`remove_stale_temporaries` on the next start.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,7 +137,8 @@ def save_masks(
         raise LangpruneError(f"cannot write masks to {target}: folder does not exist")
     tmp = ""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name), suffix=".tmp",
+                                   dir=target.parent)
         os.close(fd)
         save_file({k: np.ascontiguousarray(v.bits) for k, v in packed.items()}, tmp, metadata=meta)
         os.replace(tmp, target)
@@ -143,6 +148,45 @@ def save_masks(
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return checksum
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)~(?P<host>[^~/]+)~(?P<pid>\d+)~[^/]*\.tmp$")
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}~{socket.gethostname()}~{os.getpid()}~"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary mask files left under ``folder`` (and its run sub-folders) by writers
+    on this host that no longer run (killed mid-write); returns the removed paths.
+
+    Files of live writers, and of other hosts (an output folder on shared storage), are kept.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for path in [*root.glob(".*.tmp"), *root.glob("*/.*.tmp")]:
+        m = _TEMP_NAME.match(path.name)
+        if m is None or m["host"] != host or _process_exists(int(m["pid"])):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:  # removed concurrently by another starting worker
+            pass
+    return removed
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

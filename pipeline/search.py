@@ -53,8 +53,8 @@ then marks the study provisioned (user attr ``langprune_slots``); the others wai
 mark. Workers only ever take an enqueued slot (an atomic WAITING -> RUNNING update: ``SELECT
 ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and never create a trial of
 their own (:class:`SlotStorage`), so trial numbers are unique and dense and the total is
-``n_trials``. Raising ``n_trials`` of an existing study tops the slots up (do that from one
-worker first). The study records the config it was created with and refuses a different one.
+``n_trials``. Raising ``n_trials`` of an existing study tops the slots up, exactly, even when
+several workers are started with the new count at once (one is elected per count). The study records the config it was created with and refuses a different one.
 A killed worker's running trial is failed at once by the next worker started on the same host
 (:func:`fail_orphaned_trials`), from other hosts by Optuna's heartbeat after ``GRACE_S``. The
 sampler is TPE, seeded per trial from ``seed`` and the number of trials started so far (plus
@@ -630,10 +630,11 @@ def open_study(cfg: Config, objective: Objective, pool: Sequence[str], url: str,
     return study
 
 
-def _wait_provisioned(study: optuna.Study) -> None:
-    """Wait for the study's creator to enqueue the slots (its mark :data:`SLOTS_ATTR`).
+def _wait_provisioned(study: optuna.Study, n_trials: int = 0) -> None:
+    """Wait for the worker that enqueues the slots to mark the study (:data:`SLOTS_ATTR`,
+    at least ``n_trials`` when given).
 
-    The wait ends early only if the creator makes no progress (no new trial or study attr)
+    The wait ends early only if that worker makes no progress (no new trial or study attr)
     for :data:`ENQUEUE_WAIT_S`: then it died in between, or an older version created the
     study, and this worker enqueues what is missing itself.
     """
@@ -641,7 +642,7 @@ def _wait_provisioned(study: optuna.Study) -> None:
     deadline = time.monotonic() + ENQUEUE_WAIT_S
     while time.monotonic() < deadline:
         attrs = study.user_attrs
-        if SLOTS_ATTR in attrs:
+        if SLOTS_ATTR in attrs and int(attrs[SLOTS_ATTR]) >= n_trials:
             return
         progress = (len(study.get_trials(deepcopy=False)), len(attrs))
         if progress != seen:
@@ -790,11 +791,26 @@ def _enqueue_slots(study: optuna.Study, n_trials: int) -> None:
 
     An empty enqueued trial has no fixed params: the sampler suggests all of them when a
     worker takes it. Workers take only enqueued trials (:class:`SlotStorage`).
+
+    Counting and enqueuing are two steps, so two workers topping the study up at once (both
+    started with a raised ``n_trials``) would both enqueue the missing slots. One worker is
+    elected per target count: the one that creates the side study ``<name>--slots-<n>``
+    (creation is atomic). The others wait until the study is marked with ``n`` slots; if the
+    elected worker makes no progress for :data:`ENQUEUE_WAIT_S` (it died), they enqueue the
+    rest themselves.
     """
     have = len(study.get_trials(deepcopy=False))
-    for _ in range(n_trials - have):
-        study.enqueue_trial({})
-    study.set_user_attr(SLOTS_ATTR, max(have, n_trials))
+    if have < n_trials:
+        side = f"{study.study_name}--slots-{n_trials}"
+        try:
+            study._storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], side)
+        except optuna.exceptions.DuplicatedStudyError:
+            _wait_provisioned(study, n_trials)
+            have = len(study.get_trials(deepcopy=False))
+        for _ in range(n_trials - have):
+            study.enqueue_trial({})
+    if int(study.user_attrs.get(SLOTS_ATTR, 0)) < n_trials:
+        study.set_user_attr(SLOTS_ATTR, max(have, n_trials))
 
 
 def started_trials(study: optuna.Study) -> int:

@@ -133,6 +133,13 @@ CASES = [
          prepare="truncate_mask"),
     Case("analyze-mask-checksum-mismatch", ["analyze", "sweep_run={sweep}"], "sha256",
          prepare="flip_mask_bit"),
+    # a valid, checksummed mask file that does not fit the model (no model weights loaded)
+    Case("analyze-mask-shape-mismatch", ["analyze", "sweep_run={sweep}"],
+         "has shape (32, 64), the model's weight has (64, 32)", prepare="transpose_mask"),
+    Case("analyze-mask-unknown-module", ["analyze", "sweep_run={sweep}"],
+         "'model.layers.9.mlp.up_proj' names no module", prepare="rename_mask"),
+    Case("analyze-mask-file-replaced", ["analyze", "sweep_run={sweep}"],
+         "the artifact was replaced", prepare="replace_mask"),
     Case("analyze-unknown-sweep", ["analyze", "sweep_run=0123456789abcdef"],
          "0123456789abcdef"),
 ]
@@ -230,6 +237,7 @@ class World:
         sweep = client.search_runs([exp.experiment_id], "tags.`langprune.kind` = 'sweep'")[0]
         member = client.search_runs([exp.experiment_id], "tags.`langprune.kind` = 'pruned'")[0]
         self.values["sweep"] = sweep.info.run_id
+        self.member_id = member.info.run_id
         from mlflow.utils.file_utils import local_file_uri_to_path
 
         art = Path(local_file_uri_to_path(member.info.artifact_uri))
@@ -241,6 +249,44 @@ class World:
         good = self.mask_path.read_bytes()
         self.mask_path.write_bytes(change(good))
         return lambda: self.mask_path.write_bytes(good)  # type: ignore[union-attr]
+
+    def _rewrite_masks(self, change: Callable[[dict], dict], keep_tag: bool = True,
+                       ) -> Callable[[], None]:
+        """Write a valid (checksummed) mask file with changed masks; with ``keep_tag`` the
+        run's logged sha256 tag is set to the new file's, so only the change is wrong."""
+        from pipeline.masks import load_packed, read_metadata, save_masks
+
+        assert self.mask_path is not None
+        good = self.mask_path.read_bytes()
+        masks = {k: v.unpack() for k, v in load_packed(self.mask_path).items()}
+        meta = {k: v for k, v in read_metadata(self.mask_path).items()
+                if k in ("config_hash",)}
+        sha = save_masks(change(masks), self.mask_path, metadata=meta)
+        client = MlflowClient(self.store)
+        old_tag = client.get_run(self.member_id).data.tags["langprune.masks_sha256"]
+        if keep_tag:
+            client.set_tag(self.member_id, "langprune.masks_sha256", sha)
+
+        def undo() -> None:
+            self.mask_path.write_bytes(good)  # type: ignore[union-attr]
+            client.set_tag(self.member_id, "langprune.masks_sha256", old_tag)
+
+        return undo
+
+    def transpose_mask(self) -> Callable[[], None]:
+        name = "model.layers.0.mlp.up_proj"  # (64, 32) in the tiny model
+        return self._rewrite_masks(lambda m: {**m, name: m[name].T.contiguous()})
+
+    def rename_mask(self) -> Callable[[], None]:
+        def change(m: dict) -> dict:
+            m = dict(m)
+            m["model.layers.9.mlp.up_proj"] = m.pop("model.layers.0.mlp.up_proj")
+            return m
+        return self._rewrite_masks(change)
+
+    def replace_mask(self) -> Callable[[], None]:
+        name = "model.layers.0.mlp.up_proj"
+        return self._rewrite_masks(lambda m: {**m, name: ~m[name]}, keep_tag=False)
 
     def truncate_mask(self) -> Callable[[], None]:
         return self._rewrite_mask(lambda b: b[: len(b) // 2])

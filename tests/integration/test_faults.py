@@ -153,6 +153,9 @@ def test_sigkill_during_pruning_leaves_nothing_complete_and_a_rerun_is_reused(
 
     cfg = Config.from_overrides(overrides)
     rerun = run_main(cfg)  # ... until the next start reaps it
+    # ... and removes the killed writer's partial file; only the rerun's final file is left
+    assert [p.name for p in mask_files(tmp_path / "out")] == ["masks.safetensors"]
+    assert mask_files(tmp_path / "out")[0].parent.name == rerun.run_id
     killed = store.get_run(run.info.run_id)
     assert killed.info.status == "FAILED" and killed.data.tags[P.TAG_STATE] == "failed"
     assert "process died" in killed.data.tags["langprune.error"]

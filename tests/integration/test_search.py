@@ -370,3 +370,34 @@ def test_one_worker_claims_the_verdict_and_a_dead_owner_is_replaced(tmp_path, mo
     first.set_user_attr(S.VERDICT_ATTR, f"{host}:{dead}:0")  # a worker that died
     assert S.claim_verdict(second) is True
     assert S.claim_verdict(first) is False
+
+
+def test_workers_raising_n_trials_together_top_the_slots_up_exactly(tmp_path):
+    """Several workers start at once with a raised n_trials: the study gets exactly that many
+    trials (one enqueues, the others wait for its mark), not one top-up per worker."""
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    cfg = Config.from_overrides({"storage": url, "n_trials": "3"})
+    obj, pool, _ = S._validate(cfg)
+    study = S.open_study(cfg, obj, pool, url)
+    assert len(study.trials) == 3
+    raised = cfg.replace(n_trials="9")
+    barrier, errors, studies = threading.Barrier(4), [], []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            studies.append(S.open_study(raised, obj, pool, url))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(studies) == 4
+    final = optuna.load_study(study_name=study.study_name, storage=url)
+    assert [t.number for t in final.trials] == list(range(9))
+    assert final.user_attrs[S.SLOTS_ATTR] == 9

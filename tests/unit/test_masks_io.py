@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +139,47 @@ def test_apply_masks_rejects_unknown_names_and_wrong_shapes():
     with pytest.raises(LangpruneError):  # checked before anything is modified
         apply_masks(model, {"model.layers.0.mlp.up_proj": good, "nope": good})
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_partial_files_of_dead_writers_on_this_host_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.masks import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    host = socket.gethostname()
+    run = tmp_path / "run1"
+    run.mkdir()
+    stale = run / f".masks.safetensors~{host}~{dead_pid}~ab12.tmp"
+    live = run / f".masks.safetensors~{host}~{os.getpid()}~cd34.tmp"  # a writer still at work
+    other_host = run / f".masks.safetensors~elsewhere.example~{dead_pid}~ef56.tmp"
+    final = run / "masks.safetensors"
+    for p in (stale, live, other_host, final):
+        p.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in (live, other_host, final))
+    assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_the_temporary_name_is_recognised_as_this_writers(tmp_path, monkeypatch):
+    """save_masks' own temporary name is one that the sweep parses (and keeps while alive)."""
+    from pipeline import masks as M
+
+    seen = []
+    real = M.save_file
+
+    def spy(tensors, path, metadata=None):
+        seen.append(Path(path).name)
+        assert M.remove_stale_temporaries(tmp_path) == []  # our own, alive: kept
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(M, "save_file", spy)
+    save_masks(_random_masks(), tmp_path / "masks.safetensors")
+    [name] = seen
+    m = M._TEMP_NAME.match(name)
+    assert m is not None and int(m["pid"]) == os.getpid() and m["name"] == "masks.safetensors"
