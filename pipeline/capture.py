@@ -550,11 +550,12 @@ def _prune_groups(
     _accumulate(layer, inputs, index, {n: linears[n] for n in hooked}, hooked, stop)
     t = run.tick("statistics", t)
     _check_stats(prefix, owned)
-    records = [
-        _prune_module(run, index, f"{prefix}.{name}", linears[name], owned[name])
-        for group in groups
-        for name in group.names
-    ]
+    records = []
+    for group in groups:
+        records += [_prune_module(run, index, f"{prefix}.{name}", linears[name], owned[name])
+                    for name in group.names]
+        for name in group.names:  # the group is done: free its statistic (and factor)
+            owned[name].release()
     run.tick("prune", t)
     return records
 

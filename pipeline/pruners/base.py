@@ -128,6 +128,12 @@ class Statistic(ABC):
     @abstractmethod
     def _accumulate(self, flat: Tensor) -> None: ...
 
+    def release(self) -> None:
+        """Drop the accumulated tensors and derived quantities once every linear that shares
+        this statistic is pruned (the driver calls it), so their memory is free for the next
+        group's work."""
+        self.derived.clear()
+
     @abstractmethod
     def is_finite(self) -> bool:
         """False if the statistic holds NaN or Inf (a broken model or input)."""
@@ -154,6 +160,10 @@ class ColumnSquares(Statistic):
         """``||X_j||_2`` over all calibration tokens, float32 ``[in_features]``."""
         return self.sum_sq.sqrt()
 
+    def release(self) -> None:
+        super().release()
+        self.sum_sq = torch.empty(0)
+
     def is_finite(self) -> bool:
         return all_finite(self.sum_sq)
 
@@ -178,6 +188,7 @@ class Hessian(Statistic):
         super().__init__(in_features, device)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._mirrored = True
+        self._taken = False
 
     def _accumulate(self, flat: Tensor) -> None:
         x32 = flat.float()
@@ -203,7 +214,30 @@ class Hessian(Statistic):
         self._mirror()
         return self.xtx * (2.0 / max(self.n_windows, 1))
 
+    def take_hessian(self) -> Tensor:
+        """:meth:`hessian` without a copy: the statistic's own buffer is scaled in place and
+        handed over; the statistic is finished (no more batches). Saves one d x d matrix at
+        the factorisation's peak."""
+        if self._taken:
+            raise RuntimeError("take_hessian() was already called on this Hessian")
+        self._mirror()
+        h, self.xtx = self.xtx.mul_(2.0 / max(self.n_windows, 1)), torch.empty(0)
+        self._taken = True
+        return h
+
+    def add_batch(self, x: Tensor) -> None:
+        if self._taken:
+            raise RuntimeError("this Hessian was taken by take_hessian(); it takes no batches")
+        super().add_batch(x)
+
+    def release(self) -> None:
+        super().release()
+        self.xtx = torch.empty(0)
+        self._mirrored = True
+
     def is_finite(self) -> bool:
+        if self._taken:
+            return True  # checked before it was taken (the driver checks all statistics first)
         self._mirror()
         return all_finite(self.xtx)
 

@@ -90,8 +90,14 @@ class HessianFactor:
     damp_retries: int
 
 
-def factor_hessian(hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP) -> HessianFactor:
+def factor_hessian(
+    hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP, *, overwrite: bool = False
+) -> HessianFactor:
     """Prepare ``hessian`` for :func:`sparsegpt_prune_factored` (dead inputs, damping, Cholesky).
+
+    Args:
+        overwrite: Work in ``hessian`` itself (float32) instead of a copy: dead diagonal
+            entries become 1; one d x d matrix less at the peak.
 
     Raises:
         LangpruneError: if ``hessian`` is not finite and square, or Cholesky fails on every retry.
@@ -100,7 +106,8 @@ def factor_hessian(hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP) -> Hessi
         raise LangpruneError(f"hessian must be square, got shape {tuple(hessian.shape)}")
     if not all_finite(hessian):
         raise LangpruneError("hessian contains NaN or Inf")
-    H = hessian.detach().to(torch.float32, copy=True)
+    in_place = overwrite and hessian.dtype == torch.float32
+    H = hessian.detach() if in_place else hessian.detach().to(torch.float32, copy=True)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # dead inputs: never non-zero, so their weights cannot matter
     upper, retries = inverse_hessian_factor(H, percdamp)
@@ -129,7 +136,12 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, in
             torch.add(undamped, damp, out=diag)
             chol, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
-                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+                # at most three d x d matrices at once (H, L, then H, H^-1 and U): each
+                # temporary is dropped as soon as the next one exists
+                inverse = torch.cholesky_inverse(chol)
+                del chol
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
                 if int(info) == 0 and all_finite(upper):
                     return upper, retry
             log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g",
@@ -305,7 +317,9 @@ class SparseGPTPruner(LayerPruner):
             raise TypeError("sparsegpt needs a Hessian statistic")
         key = f"sparsegpt_factor:{self.percdamp!r}"
         if key not in statistic.derived:  # computed once per shared statistic
-            statistic.derived[key] = factor_hessian(statistic.hessian(), self.percdamp)
+            # the statistic is complete once pruning starts: factor its own buffer, no copy
+            statistic.derived[key] = factor_hessian(statistic.take_hessian(), self.percdamp,
+                                                    overwrite=True)
         res = sparsegpt_prune_factored(
             weight, statistic.derived[key], target.sparsity, target.n, target.m, self.blocksize
         )

@@ -425,3 +425,24 @@ def test_all_finite_agrees_with_isfinite_even_when_the_sum_overflows():
     assert masks_mod.all_finite(big) and masks_mod.all_finite(huge)
     assert not masks_mod.all_finite(torch.tensor([1.0, float("nan")]).bfloat16())
     assert masks_mod.all_finite(torch.arange(5))  # integer tensors are finite
+
+
+def test_taking_the_hessian_factors_the_same_without_a_copy():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 40, generator=gen)
+    x[..., 3] = 0.0  # a dead input
+    stat = Hessian(40, torch.device("cpu"))
+    stat.add_batch(x)
+    expected = stat.hessian()
+    copied = sparsegpt_mod.factor_hessian(expected, 0.01)
+    assert torch.equal(expected, stat.hessian())  # the copying path leaves its input alone
+    taken = stat.take_hessian()
+    assert torch.equal(taken, expected) and stat.xtx.numel() == 0
+    in_place = sparsegpt_mod.factor_hessian(taken, 0.01, overwrite=True)
+    assert torch.equal(in_place.upper, copied.upper) and torch.equal(in_place.dead, copied.dead)
+    with pytest.raises(RuntimeError, match="takes no batches"):
+        stat.add_batch(x)
+    with pytest.raises(RuntimeError, match="already called"):
+        stat.take_hessian()
+    stat.release()
+    assert stat.xtx.numel() == 0 and stat.derived == {}
