@@ -121,7 +121,9 @@ def prune_flops(
     Parts: ``forward`` (one discovery forward of one batch, a statistics pass per layer,
     propagation for all but the last layer: 2 FLOP per weight per token plus causal
     attention), ``statistics`` (Wanda: squares and sums, 3 per input element; SparseGPT: the
-    X^T X updates), ``factor`` (SparseGPT: Cholesky, inverse, Cholesky, ~4/3 d^3) and
+    X^T X updates, counted as the symmetric product's n d (d + 1) since only one triangle is
+    needed), ``factor`` (SparseGPT: the Cholesky factor of H^-1, at least 2/3 d^3: a
+    Cholesky and a triangular inverse; the paper's three LAPACK calls do 4/3 d^3) and
     ``update`` (SparseGPT: in-block rank-1 updates ~ rows * blocksize * cols and lazy block
     updates ~ rows * cols^2). Sorting and masking are not counted, so a fraction of peak
     computed from this is a lower bound on efficiency.
@@ -135,8 +137,8 @@ def prune_flops(
     dims = stat_dims(layers[0], shared)
     out = {"forward": passes * (2 * params * tokens + attn)}
     if method == "sparsegpt":
-        out["statistics"] = n_layers * sum(2 * tokens * d * d for d in dims)
-        out["factor"] = n_layers * sum(4 / 3 * d**3 for d in dims)
+        out["statistics"] = n_layers * sum(tokens * d * (d + 1) for d in dims)
+        out["factor"] = n_layers * sum(2 / 3 * d**3 for d in dims)
         out["update"] = n_layers * sum(
             m.out_features * m.in_features * (m.in_features + blocksize) for m in lin.values()
         )
