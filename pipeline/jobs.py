@@ -41,6 +41,17 @@ class JobResult:
     metrics: dict[str, float]
 
 
+def numerics_tags(cfg: Config, device: Any) -> dict[str, str]:
+    """How SparseGPT's factor is computed on this device (same U up to float32 rounding):
+    ``products`` (CPU, :mod:`pipeline.pruners.linalg`) or ``lapack`` (the paper's sequence)."""
+    if cfg.prune.method != "sparsegpt":
+        return {}
+    from pipeline.pruners import sparsegpt
+
+    lapack = sparsegpt.REFERENCE_FACTOR or str(device).split(":")[0] != "cpu"
+    return {P.TAG_SPARSEGPT_FACTOR: "lapack" if lapack else "products"}
+
+
 def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = True) -> str:
     """Cheap checks before any heavy work; returns the experiment id.
 
@@ -184,7 +195,7 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
         log_run_start(run, cfg, dense=False)
         run.start_system_metrics()
         loaded = loaded or _load(cfg)
-        run.set_tags({P.TAG_DEVICE: str(loaded.device)})
+        run.set_tags({P.TAG_DEVICE: str(loaded.device), **numerics_tags(cfg, loaded.device)})
         calib = stages.calibrate(cfg, loaded.tokenizer)
         # `force` re-runs this run; the shared dense baseline is still reused.
         dense_id, dense_report = run_dense(cfg.replace(force=False), loaded,

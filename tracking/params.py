@@ -26,6 +26,7 @@ TAG_DIRTY = "langprune.git_dirty"
 TAG_PID = "langprune.pid"
 TAG_HOST = "langprune.host"
 TAG_DEVICE = "langprune.device"
+TAG_SPARSEGPT_FACTOR = "langprune.sparsegpt_factor"  # products (CPU) or lapack
 TAG_REUSED = "langprune.reused_run"
 TAG_DENSE = "langprune.dense_run"
 TAG_ENTRY = "langprune.entry_point"

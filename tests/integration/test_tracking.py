@@ -31,6 +31,7 @@ def test_params_are_the_canonical_config_and_reuse_works(store, tiny_model_dir, 
     assert logged == P.to_mlflow_params(cfg)
     assert run.data.tags[P.TAG_STATE] == "complete" and run.info.status == "FINISHED"
     assert run.data.tags[P.TAG_HASH] == cfg.config_hash()
+    assert run.data.tags[P.TAG_SPARSEGPT_FACTOR] == "products"  # CPU: pipeline/pruners/linalg
     assert run.data.metrics["ppl_ratio.sw"] > 0
     losses = store.get_metric_history(first.run_id, "sparsegpt_loss.layer")
     assert [h.step for h in sorted(losses, key=lambda h: h.step)] == [0, 1]
