@@ -181,3 +181,25 @@ def test_start_token_prefers_bos_then_eos():
 def test_bad_input_is_a_clear_error(sentences, kwargs, match):
     with pytest.raises(LangpruneError, match=match):
         P.evaluate_perplexity(BigramLM(), CharTokenizer(), sentences, progress=False, **kwargs)
+
+
+def test_the_head_probe_runs_once_per_model_not_once_per_language(monkeypatch):
+    tok = ByT5Tokenizer()
+    model, other = tiny_model("llama"), tiny_model("cohere")
+    calls = []
+    real = P.head_matches_forward
+    monkeypatch.setattr(P, "head_matches_forward",
+                        lambda m, ids: calls.append(type(m).__name__) or real(m, ids))
+    sents = ["Some evaluation text.", "More of it follows here."]
+    first = P.evaluate_perplexity(model, tok, sents, seq_len=6, progress=False)
+    again = P.evaluate_perplexity(model, tok, sents[::-1], seq_len=6, progress=False)
+    P.evaluate_perplexity(other, tok, sents, seq_len=6, progress=False)
+    assert len(calls) == 2  # once for each model
+    assert first.nll_sum > 0 and again.nll_sum > 0
+    model.lm_head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features,
+                                    bias=False)  # a new head is probed again
+    P.evaluate_perplexity(model, tok, sents, seq_len=6, progress=False)
+    assert len(calls) == 3
+    # the cached answers are the probes': cohere post-processes its logits, llama does not
+    assert other.__dict__["_langprune_head_matches"][1] is False
+    assert model.__dict__["_langprune_head_matches"][1] is True
