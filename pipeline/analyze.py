@@ -778,10 +778,13 @@ def analysis_summary(
 
 
 class LazyPackedMasks(Mapping[str, PackedMask]):
-    """A run's packed masks read one module at a time; the checksum is verified on open."""
+    """A run's packed masks read one module at a time.
+
+    The file's format and checksum are not verified again here: :func:`check_mask_files`
+    verifies every member's file before the analyses start.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        load_packed(path)  # verifies format and sha256 (one run in memory at a time)
         self._path = str(path)
         shapes = json.loads(read_metadata(path)["shapes"])
         self._shapes = {name: tuple(shape) for name, shape in shapes.items()}
@@ -841,7 +844,10 @@ def analyze_iou(
     parent: R.TrackedRun, members: Sequence[RT.Member], mask_paths: Mapping[str, Path],
     *, progress: bool = False,
 ) -> dict[str, float]:
-    """Pairwise mask IoU of same-method members, logged to the sweep parent (``iou/``)."""
+    """Pairwise mask IoU of same-method members, logged to the sweep parent (``iou/``).
+
+    ``mask_paths`` must have passed :func:`check_mask_files` (format and checksum).
+    """
     refs = [I.RunRef(m.run_id, m.calib_lang, m.calib_set, m.method) for m in members]
     masks = {m.run_id: LazyPackedMasks(mask_paths[m.run_id]) for m in members}
     pairs = I.pairwise_iou(refs, masks.__getitem__, progress=progress)

@@ -46,10 +46,9 @@ def numerics_tags(cfg: Config, device: Any) -> dict[str, str]:
     ``products`` (CPU, :mod:`pipeline.pruners.linalg`) or ``lapack`` (the paper's sequence)."""
     if cfg.prune.method != "sparsegpt":
         return {}
-    from pipeline.pruners import sparsegpt
+    from pipeline.pruners.sparsegpt import factor_method
 
-    lapack = sparsegpt.REFERENCE_FACTOR or str(device).split(":")[0] != "cpu"
-    return {P.TAG_SPARSEGPT_FACTOR: "lapack" if lapack else "products"}
+    return {P.TAG_SPARSEGPT_FACTOR: factor_method(device)}
 
 
 def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = True) -> str:

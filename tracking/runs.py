@@ -90,7 +90,7 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
-_PARAM_ATTEMPTS = 4
+_CONFLICT_ATTEMPTS = 4
 # How SQLite, PostgreSQL and MySQL (through SQLAlchemy) word a unique-key violation.
 _CONFLICT_WORDS = ("IntegrityError", "UniqueViolation", "UNIQUE constraint failed",
                    "duplicate key value", "Duplicate entry")
@@ -100,6 +100,20 @@ def is_concurrent_insert(e: BaseException) -> bool:
     """Whether an MLflow error is a unique-key conflict with a concurrent writer."""
     text = str(e)
     return any(w in text for w in _CONFLICT_WORDS)
+
+
+def _retry_conflicts(write: Any, also: Any = lambda e: False) -> None:
+    """Call ``write()``; retry it (with a short backoff) when the store reports a unique-key
+    conflict with a concurrent writer, or ``also(error)`` holds."""
+    for attempt in range(_CONFLICT_ATTEMPTS):
+        try:
+            write()
+            return
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == _CONFLICT_ATTEMPTS - 1 or not (is_concurrent_insert(e) or also(e)):
+                raise
+            log.debug("concurrent write to a run; trying again: %s", _first_line(e))
+            time.sleep(0.2 * (attempt + 1))
 
 
 class TrackedRun:
@@ -120,27 +134,21 @@ class TrackedRun:
         both insert a key and the slower one fails on the unique key (IntegrityError). That
         conflict is retried here: the params are read again and only the missing ones logged.
         """
-        for attempt in range(_PARAM_ATTEMPTS):
-            existing = self.client.get_run(self.run_id).data.params
-            for k, v in params.items():
-                if k in existing and not P.same_param_value(k, existing[k], str(v)):
-                    raise LangpruneError(
-                        f"param {k} was logged as {existing[k]!r} but the run uses {v!r}"
-                    )
-            items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-            try:
-                for i in range(0, len(items), 90):  # log_batch: at most 100 params per call
-                    self.client.log_batch(self.run_id, params=items[i : i + 90])
-                return
-            except mlflow.exceptions.MlflowException as e:
-                # "Changing param values": another worker's differing value landed between our
-                # read and the store's; reading again turns it into our one-line error.
-                changed = "Changing param values is not allowed" in str(e)
-                if attempt == _PARAM_ATTEMPTS - 1 or not (is_concurrent_insert(e) or changed):
-                    raise
-                log.debug("params of run %s were logged concurrently; checking again: %s",
-                          self.run_id, _first_line(e))
-                time.sleep(0.2 * (attempt + 1))
+        # "Changing param values": another worker's differing value landed between our read
+        # and the store's; reading again turns it into our one-line error.
+        _retry_conflicts(lambda: self._log_new_params(params),
+                         also=lambda e: "Changing param values is not allowed" in str(e))
+
+    def _log_new_params(self, params: Mapping[str, str]) -> None:
+        existing = self.client.get_run(self.run_id).data.params
+        for k, v in params.items():
+            if k in existing and not P.same_param_value(k, existing[k], str(v)):
+                raise LangpruneError(
+                    f"param {k} was logged as {existing[k]!r} but the run uses {v!r}"
+                )
+        items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 90):  # log_batch: at most 100 params per call
+            self.client.log_batch(self.run_id, params=items[i : i + 90])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -160,16 +168,10 @@ class TrackedRun:
     def _log_metric_items(self, items: list[Metric]) -> None:
         for i in range(0, len(items), _BATCH):
             chunk = items[i : i + _BATCH]
-            for attempt in range(_PARAM_ATTEMPTS):
-                try:
-                    self.client.log_batch(self.run_id, metrics=chunk)
-                    break
-                # Workers logging the same new metric key to one parent can collide on the
-                # store's latest-metric row; a metric point is idempotent, so log it again.
-                except mlflow.exceptions.MlflowException as e:
-                    if attempt == _PARAM_ATTEMPTS - 1 or not is_concurrent_insert(e):
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
+            # Workers logging the same new metric key to one parent can collide on the store's
+            # latest-metric row; a metric point is idempotent, so it is logged again.
+            _retry_conflicts(lambda chunk=chunk: self.client.log_batch(self.run_id,
+                                                                       metrics=chunk))
 
     # ---- artifacts ----------------------------------------------------------------------
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -152,6 +152,13 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, in
     )
 
 
+def factor_method(device: torch.device | str) -> str:
+    """``products`` (CPU, :mod:`pipeline.pruners.linalg`) or ``lapack`` (the paper's sequence):
+    how :func:`factor_hessian` computes U on ``device``."""
+    cpu = torch.device(device).type == "cpu"
+    return "products" if cpu and not REFERENCE_FACTOR else "lapack"
+
+
 def _upper_factor_of_inverse(h: Tensor) -> tuple[Tensor, int]:
     """U with U^T U = h^-1 (upper triangular), and a LAPACK-style ``info`` (0 = success).
 
@@ -159,7 +166,7 @@ def _upper_factor_of_inverse(h: Tensor) -> tuple[Tensor, int]:
     LAPACK on one thread); elsewhere the reference sequence cholesky -> cholesky_inverse ->
     upper cholesky of the SparseGPT paper. Both give U up to float32 rounding.
     """
-    if h.device.type == "cpu" and not REFERENCE_FACTOR:
+    if factor_method(h.device) == "products":
         return upper_factor_of_inverse(h)
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info):
