@@ -69,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per side, alternating langprune and llm-compressor; the table "
                         "shows each side's median run and lists all times")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip timing the bare layer forwards (the floor under both tools)")
     p.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     p.add_argument("--side", choices=["langprune"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -139,10 +141,45 @@ def langprune_side(spec: dict) -> None:
         if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}"
     }
     save_file(weights, spec["weights_out"])
+    out = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
+           "threads": torch.get_num_threads(), "timings": result.timings}
+    if spec.get("floor"):  # after the timed prune, so it cannot disturb it
+        out["floor"] = forward_floor(model, windows, spec["batch_size"])
     with open(spec["result_out"], "w") as fh:
-        json.dump({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(),
-                   "rss_before_mb": rss_before,
-                   "threads": torch.get_num_threads(), "timings": result.timings}, fh)
+        json.dump(out, fh)
+
+
+def forward_floor(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> dict:
+    """Seconds of the decoder-layer forwards alone, on the same batches, without statistics,
+    hooks or pruning: the floor under any layer-wise prune of this model.
+
+    ``langprune``: langprune's own passes (each layer up to the input of its last linear, then
+    once in full, the last layer excepted). ``two_full``: two full passes of every layer, as
+    llm-compressor's sequential pipeline runs them (a calibration and a propagation pass).
+    The (pruned) weights change no matmul's cost, so the pruned model times the same.
+    """
+    from pipeline import models
+    from pipeline.capture import _accumulate, capture_layer_inputs, discover_input_groups
+
+    inputs = capture_layer_inputs(model, windows, batch_size, torch.device("cpu"))
+    _, layers = models.find_decoder_layers(model)
+    parts = {"statistics": 0.0, "full": 0.0}
+    with torch.inference_mode():
+        for i, layer in enumerate(layers):
+            linears = models.find_linears(layer)
+            stop = max(discover_input_groups(layer, linears, inputs[0], i),
+                       key=lambda g: g.last_call).stop
+            t = time.perf_counter()
+            _accumulate(layer, inputs, i, {}, {}, stop)
+            t1 = time.perf_counter()
+            outputs = [inp.call(layer, i) for inp in inputs]
+            parts["statistics"] += t1 - t
+            parts["full"] += time.perf_counter() - t1
+            last_full = time.perf_counter() - t1
+            for inp, hidden in zip(inputs, outputs, strict=True):
+                inp.hidden_states = hidden
+    return {"langprune": parts["statistics"] + parts["full"] - last_full,
+            "two_full": 2 * parts["full"]}
 
 
 # ---- orchestration ---------------------------------------------------------------------------
@@ -262,7 +299,8 @@ def main() -> None:
                 lps, lcs = [], []
                 for r in range(max(args.repeat, 1)):  # alternate, so drifts hit both sides
                     tag = f"_r{r}" if r else ""
-                    lps.append(run_side("langprune", sys.executable, spec, tmp, tag=tag))
+                    lps.append(run_side("langprune", sys.executable,
+                                        {**spec, "floor": args.floor}, tmp, tag=tag))
                     lcs.append(run_side("llmc", args.llmc_python, spec, tmp, tag=tag))
                 lp, lc = median_run(lps), median_run(lcs)
                 cmp = compare(lp["weights"], lc["weights"])
@@ -277,8 +315,13 @@ def main() -> None:
                 print_row(*rows[-1], header=len(rows) == 1)
     print("\nIoU over positions exactly zero after pruning (langprune vs llm-compressor); "
           "'same' = modules whose zero patterns are identical.")
-    print("cpu s = user + system CPU seconds of the prune call (1 thread per side): unlike wall "
-          "time it does not grow when other jobs take the cores.")
+    print(f"cpu s = user + system CPU seconds of the prune call ({args.threads} thread(s) per "
+          "side): unlike wall time it does not grow when other jobs take the cores.")
+    if args.floor:
+        print("floor = the same decoder-layer forwards timed bare (no hooks, statistics or "
+              "pruning) in each langprune run after its prune; 'langprune passes': each layer "
+              "up to its last linear's input, then in full (last layer excepted); 'two full "
+              "passes': what llm-compressor's sequential pipeline runs.")
     for model_name, method, lp, lc, _ in rows:
         wall, cpu = lc["wall_s"] / lp["wall_s"], lc["cpu_s"] / lp["cpu_s"]
         print(f"target time <= 1/2 llm-compressor, {model_name} {method}: "
@@ -313,6 +356,13 @@ def print_row(model: str, method: str, lp: dict, lc: dict, cmp: dict, header: bo
           f"{cmp['sparsity_a']:8.4f}/{cmp['sparsity_b']:.4f} {lc['load']:>15}", flush=True)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in lp.get("timings", {}).items())
     print(f"{'':<17}langprune seconds: {parts}", flush=True)
+    if "floor" in lp:
+        fl = lp["floor"]
+        print(f"{'':<17}floor (bare forwards, same run): langprune passes {fl['langprune']:.2f} s, "
+              f"two full passes {fl['two_full']:.2f} s; langprune = floor + "
+              f"{lp['wall_s'] - fl['langprune']:.2f} s, llm-compressor = two full passes + "
+              f"{lc['wall_s'] - fl['two_full']:.2f} s; half of llm-compressor = "
+              f"{lc['wall_s'] / 2:.2f} s", flush=True)
     if len(lp.get("all_wall_s", [])) > 1:
         for side, run in (("langprune", lp), ("llm-compressor", lc)):
             walls = " ".join(f"{w:.2f}" for w in run["all_wall_s"])
