@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,10 @@ def _hooks_left() -> dict[str, int]:
 
 
 def main() -> int:
+    # Ctrl-C as in a terminal, however the test run was launched: a process started in the
+    # background of a non-interactive shell (``nohup ... &``) inherits SIGINT as *ignored*,
+    # and Python then keeps ignoring it, so the SIGINT test could never end its victim.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _install(os.environ["FAULT_PAUSE"])
     from pipeline.cli import main as cli_main
 
