@@ -63,17 +63,34 @@ def _lowest_numpy(scores: np.ndarray, k: int, axis: int) -> np.ndarray:
     numpy's introselect (``np.partition``) finds the k-th smallest value 5-10x faster than
     ``torch.kthvalue``, and numpy's comparisons and counts are 2-5x faster than torch's on one
     thread (measured on 2048 x 768 float32, torch 2.13). The k-th smallest *value* is unique,
-    so both paths give the same threshold and the same mask.
+    so both paths give the same threshold and the same mask. Non-negative scores (every
+    pruner's) are selected on their bit patterns as integers (:func:`_as_ordered_ints`).
     """
-    part = np.partition(scores, k - 1, axis=axis)
+    keys = _as_ordered_ints(scores)
+    part = np.partition(keys, k - 1, axis=axis)
     threshold = np.take(part, [k - 1], axis=axis)
-    below = scores < threshold
-    ties = scores == threshold
+    at_most = keys <= threshold
+    if (np.count_nonzero(at_most, axis=axis) == k).all():
+        return at_most  # the usual case: no surplus ties, every tie is pruned
+    below = keys < threshold
+    ties = at_most & ~below
     need = k - np.count_nonzero(below, axis=axis, keepdims=True)
-    if np.array_equal(np.count_nonzero(ties, axis=axis, keepdims=True), need):
-        return below | ties
-    rank = np.cumsum(ties, axis=axis, dtype=np.int32)
+    rank = np.cumsum(ties, axis=axis, dtype=np.int32)  # 1-based position among the ties
     return below | (ties & (rank <= need))
+
+
+def _as_ordered_ints(scores: np.ndarray) -> np.ndarray:
+    """The scores' bit patterns as signed integers when that keeps their order, else the scores.
+
+    For IEEE floats with the sign bit clear (+0.0 ... +inf) the bit patterns, read as signed
+    integers of the same width, are non-negative and ordered exactly as the values, and equal
+    only for equal values; ``np.partition`` selects on int32 1.6x faster than on float32
+    (2.6 vs 4.3 ms for 2048 x 768, one thread). One integer ``min`` decides: any negative
+    value, -0.0 or negative NaN has the sign bit set, and then the floats are used as they are
+    (where -0.0 == +0.0, as the tensor path has it).
+    """
+    ints = scores.view(np.int32 if scores.dtype == np.float32 else np.int64)
+    return ints if ints.size and int(ints.min()) >= 0 else scores
 
 
 def lowest_per_row(scores: Tensor, sparsity: float) -> Tensor:

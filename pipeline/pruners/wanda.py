@@ -34,7 +34,8 @@ from pipeline.pruners.masks import all_finite, check_weight, select_mask, zero_w
 
 def wanda_scores(weight: Tensor, col_norms: Tensor) -> Tensor:
     """Wanda's importance ``|W_ij| * ||X_j||_2`` in float32."""
-    return weight.detach().abs().float() * col_norms.detach().float().to(weight.device)[None, :]
+    scores = weight.detach().abs().float()  # a new tensor: abs() never aliases the weight
+    return scores.mul_(col_norms.detach().float().to(weight.device)[None, :])
 
 
 def wanda_prune(

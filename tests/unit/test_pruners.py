@@ -115,6 +115,33 @@ def test_cpu_selection_fast_path_equals_kthvalue_with_ties_and_signed_zeros(dtyp
         assert torch.equal(masks_mod._lowest(scores, k, dim=-1), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_negative_scores_select_on_their_bits_as_the_values_would(dtype):
+    """Non-negative scores (every pruner's) are partitioned as integers: the masks equal the
+    tensor path's and a stable sort's, with ties, zeros, subnormals and +inf; a -0.0 or any
+    negative value sends the selection back to the float path."""
+    gen = torch.Generator().manual_seed(11)
+    tiny = torch.finfo(dtype).tiny
+    values = torch.tensor([0.0, tiny / 4, tiny, 1e-3, 0.5, 0.5, 1.0, 3.0, float("inf")],
+                          dtype=dtype)
+    scores = values[torch.randint(0, len(values), (40, 64), generator=gen)]
+    scores[:20] = torch.rand(20, 64, generator=gen, dtype=dtype)  # rows without ties
+    assert masks_mod._as_ordered_ints(scores.numpy()).dtype.kind == "i"
+    for k in (1, 13, 32, 63):
+        order = torch.argsort(scores, dim=1, stable=True)[:, :k]
+        expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+        assert torch.equal(masks_mod._lowest(scores, k, dim=-1), expected)
+        assert torch.equal(masks_mod._lowest_torch(scores, k, dim=-1), expected)
+        grouped = scores.reshape(40, 16, 4)
+        assert torch.equal(masks_mod._lowest(grouped, k % 3 + 1, dim=-1),
+                           masks_mod._lowest_torch(grouped, k % 3 + 1, dim=-1))
+    signed = scores.clone()
+    signed[0, 0] = -0.0
+    assert masks_mod._as_ordered_ints(signed.numpy()).dtype.kind == "f"
+    assert torch.equal(masks_mod._lowest(signed, 32, dim=-1),
+                       masks_mod._lowest_torch(signed, 32, dim=-1))
+
+
 # ---- exact sparsity -------------------------------------------------------------------------
 
 
