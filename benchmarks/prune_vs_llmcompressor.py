@@ -163,23 +163,24 @@ def forward_floor(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
 
     inputs = capture_layer_inputs(model, windows, batch_size, torch.device("cpu"))
     _, layers = models.find_decoder_layers(model)
-    parts = {"statistics": 0.0, "full": 0.0}
+    stops: dict[tuple, tuple[str, int]] = {}  # where the statistics pass ends, per layer code
+    stats_s, full_s = [], []
     with torch.inference_mode():
         for i, layer in enumerate(layers):
             linears = models.find_linears(layer)
-            stop = max(discover_input_groups(layer, linears, inputs[0], i),
-                       key=lambda g: g.last_call).stop
-            t = time.perf_counter()
-            _accumulate(layer, inputs, i, {}, {}, stop)
+            key = (type(layer), tuple(linears))
+            if key not in stops:
+                groups = discover_input_groups(layer, linears, inputs[0], i)
+                stops[key] = max(groups, key=lambda g: g.last_call).stop
+            t0 = time.perf_counter()
+            _accumulate(layer, inputs, i, {}, {}, stops[key])
             t1 = time.perf_counter()
             outputs = [inp.call(layer, i) for inp in inputs]
-            parts["statistics"] += t1 - t
-            parts["full"] += time.perf_counter() - t1
-            last_full = time.perf_counter() - t1
+            stats_s.append(t1 - t0)
+            full_s.append(time.perf_counter() - t1)
             for inp, hidden in zip(inputs, outputs, strict=True):
                 inp.hidden_states = hidden
-    return {"langprune": parts["statistics"] + parts["full"] - last_full,
-            "two_full": 2 * parts["full"]}
+    return {"langprune": sum(stats_s) + sum(full_s[:-1]), "two_full": 2 * sum(full_s)}
 
 
 # ---- orchestration ---------------------------------------------------------------------------

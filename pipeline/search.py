@@ -54,7 +54,8 @@ mark. Workers only ever take an enqueued slot (an atomic WAITING -> RUNNING upda
 ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and never create a trial of
 their own (:class:`SlotStorage`), so trial numbers are unique and dense and the total is
 ``n_trials``. Raising ``n_trials`` of an existing study tops the slots up, exactly, even when
-several workers are started with the new count at once (one is elected per count). The study records the config it was created with and refuses a different one.
+several workers are started with the new count at once (one is elected per count). The study
+records the config it was created with and refuses a different one.
 A killed worker's running trial is failed at once by the next worker started on the same host
 (:func:`fail_orphaned_trials`), from other hosts by Optuna's heartbeat after ``GRACE_S``. The
 sampler is TPE, seeded per trial from ``seed`` and the number of trials started so far (plus

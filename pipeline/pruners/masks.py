@@ -90,7 +90,7 @@ def _as_ordered_ints(scores: np.ndarray) -> np.ndarray:
     (where -0.0 == +0.0, as the tensor path has it).
     """
     ints = scores.view(np.int32 if scores.dtype == np.float32 else np.int64)
-    return ints if ints.size and int(ints.min()) >= 0 else scores
+    return ints if int(ints.min()) >= 0 else scores  # non-empty: _lowest has 0 < k < n
 
 
 def lowest_per_row(scores: Tensor, sparsity: float) -> Tensor:
