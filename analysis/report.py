@@ -1,6 +1,6 @@
 """The paper-style report built from tables: matrices, figures, CSVs and the summary.
 
-Pure functions over DataFrames and arrays (no tracking store: :mod:`tracking.report` reads
+Pure functions over DataFrames and arrays (no tracking store: :mod:`jobs.report` reads
 the store and calls :func:`build_report`). Everything is deterministic: rows and columns are
 sorted, CSV floats use one fixed format, figures come from :mod:`analysis.plots` (fixed
 style, no metadata), and the summary states numbers with fixed precision. The same inputs

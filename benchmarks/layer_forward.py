@@ -26,7 +26,7 @@ from _common import (
 )
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.capture import LayerInput, capture_layer_inputs
+from pipeline.engine import LayerInput, capture_layer_inputs
 
 
 def parse_args() -> argparse.Namespace:

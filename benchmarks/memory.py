@@ -79,9 +79,9 @@ def _reset_peak() -> bool:
 
 
 def child(args: argparse.Namespace) -> None:
-    from pipeline.capture import prune_layerwise
+    from pipeline.engine import prune_layerwise
     from pipeline.models import resolve_device
-    from pipeline.pruners import SparsityTarget
+    from pipeline.pruners import SparsityTarget, make_pruner
 
     method, offload = args.child.split(",")
     torch.set_num_threads(args.threads)
@@ -95,7 +95,7 @@ def child(args: argparse.Namespace) -> None:
     reset = _reset_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prune_layerwise(model, windows, method, SparsityTarget(args.sparsity), device=device,
+    prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity), device=device,
                     offload=offload == "1", batch_size=args.batch_size, progress=False)
     out = {
         "base_rss": base_rss, "after_build": after_build, "build_peak": build_peak,

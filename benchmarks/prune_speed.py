@@ -32,9 +32,9 @@ from _common import (
 )
 from transformers import LlamaForCausalLM
 
-from pipeline.capture import prune_layerwise
+from pipeline.engine import prune_layerwise
 from pipeline.models import resolve_device, resolve_dtype
-from pipeline.pruners import SparsityTarget
+from pipeline.pruners import SparsityTarget, make_pruner
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,7 +61,7 @@ def run_one(base: LlamaForCausalLM, windows: torch.Tensor, method: str, shared: 
     model = copy.deepcopy(base)
     sync(device)
     t0 = time.perf_counter()
-    result = prune_layerwise(model, windows, method, SparsityTarget(args.sparsity), device=device,
+    result = prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity), device=device,
                              batch_size=args.batch_size, progress=False,
                              share_statistics=shared)
     sync(device)

@@ -119,8 +119,8 @@ def langprune_side(spec: dict) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from pipeline.capture import prune_layerwise
-    from pipeline.pruners import SparsityTarget
+    from pipeline.engine import prune_layerwise
+    from pipeline.pruners import SparsityTarget, make_pruner
 
     torch.set_num_threads(spec["threads"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()
@@ -129,9 +129,10 @@ def langprune_side(spec: dict) -> None:
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
     result = prune_layerwise(
-        model, windows, spec["method"], SparsityTarget(spec["sparsity"]),
+        model, windows, make_pruner(spec["method"], sparsegpt_blocksize=spec["blocksize"],
+                                    sparsegpt_percdamp=spec["percdamp"]),
+        SparsityTarget(spec["sparsity"]),
         device=torch.device("cpu"), batch_size=spec["batch_size"], progress=False,
-        sparsegpt_blocksize=spec["blocksize"], sparsegpt_percdamp=spec["percdamp"],
     )
     wall = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
@@ -159,7 +160,8 @@ def forward_floor(model: torch.nn.Module, windows: torch.Tensor, batch_size: int
     The (pruned) weights change no matmul's cost, so the pruned model times the same.
     """
     from pipeline import models
-    from pipeline.capture import _accumulate, capture_layer_inputs, discover_input_groups
+    from pipeline.engine import capture_layer_inputs, discover_input_groups
+    from pipeline.engine.prune import _accumulate
 
     inputs = capture_layer_inputs(model, windows, batch_size, torch.device("cpu"))
     _, layers = models.find_decoder_layers(model)

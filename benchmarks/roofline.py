@@ -30,9 +30,9 @@ from _common import (
     sync,
 )
 
-from pipeline.capture import prune_layerwise
+from pipeline.engine import prune_layerwise
 from pipeline.models import resolve_device
-from pipeline.pruners import SparsityTarget
+from pipeline.pruners import SparsityTarget, make_pruner
 
 TARGET_FRACTION = 1 / 3
 
@@ -72,7 +72,7 @@ def main() -> None:
     for method in args.methods.split(","):
         model = build_llama(args)
         sync(device)
-        res = prune_layerwise(model, windows, method, SparsityTarget(args.sparsity),
+        res = prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity),
                               device=device, batch_size=args.batch_size, progress=False)
         flops = prune_flops(model, method, tokens, args.seq_len, n_batches)
         t = res.timings

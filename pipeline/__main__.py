@@ -1,7 +1,9 @@
-"""``python -m pipeline``: see :mod:`pipeline.cli`."""
+"""``python -m pipeline`` forwards to the application layer's CLI (:mod:`jobs.cli`).
 
-import sys
+Kept so the documented command and every MLproject entry point stay as they were; the
+library itself never imports the jobs (``runpy`` runs them by name).
+"""
 
-from pipeline.cli import main
+import runpy
 
-sys.exit(main())
+runpy.run_module("jobs", run_name="__main__", alter_sys=True)

@@ -31,7 +31,37 @@ DEFAULT_MODEL = "gemma-3-270m"
 REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")  # == pipeline.data.languages.REQUIRED (tested)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
-METHODS = ("magnitude", "wanda", "sparsegpt")  # kept in sync with PRUNERS by a contract test
+# Field tags (declared once, on the fields; every key list below is derived from them):
+EXEC = "exec"  # how a run is executed, not what it computes: not in the config hash
+DENSE = "dense"  # the dense baseline depends on it (its hash, dense_identity)
+STUDY = "study"  # a blend search's trials depend on it (a resumed study must match)
+STUDY_TASKS = "study_tasks"  # ... when the objective evaluates tasks
+TRIAL = "trial"  # logged as a param of every search trial run
+
+
+def _f(default: Any, *tags: str) -> Any:
+    """A config field with its tags (see :data:`EXEC` etc.)."""
+    return field(default=default, metadata={"tags": frozenset(tags)})
+
+
+def __getattr__(name: str) -> Any:
+    # METHODS is derived from the pruner registry (lazily: the registry imports torch).
+    if name == "METHODS":
+        from pipeline.pruners import PRUNERS
+
+        return tuple(PRUNERS.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_method(method: str, what: str = "method") -> None:
+    from pipeline.pruners import PRUNERS
+
+    names = PRUNERS.names()
+    if method not in names:
+        where = "" if what == "method" else f" in {what}"
+        raise LangpruneError(
+            f"unknown method {method!r}{where}; known: {', '.join(names)}{suggest(method, names)}"
+        )
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -92,12 +122,12 @@ def _check_langs(codes: list[str], what: str) -> None:
 
 @dataclass(frozen=True)
 class ModelCfg:
-    model: str = DEFAULT_MODEL  # embedded alias | hub id | local HF folder | .gguf file
-    device: str = "auto"  # auto = cuda when available, else cpu
-    dtype: str = "float32"  # weights/activations; statistics are always float32
-    offload: bool = False  # keep the model on CPU, move one decoder layer at a time
-    trust_remote_code: bool = False  # never on unless the user asks
-    model_cache: str = ""  # "" = $LANGPRUNE_CACHE or ~/.cache/langprune (never in the repo)
+    model: str = _f(DEFAULT_MODEL, DENSE, STUDY, TRIAL)  # embedded alias | hub id | local HF folder | .gguf file
+    device: str = _f("auto", DENSE)  # auto = cuda when available, else cpu
+    dtype: str = _f("float32", DENSE, STUDY)  # weights/activations; statistics are always float32
+    offload: bool = _f(False, DENSE)  # keep the model on CPU, move one decoder layer at a time
+    trust_remote_code: bool = _f(False, DENSE)  # never on unless the user asks
+    model_cache: str = _f("", EXEC)  # "" = $LANGPRUNE_CACHE or ~/.cache/langprune (never in the repo)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -113,13 +143,13 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class CalibCfg:
-    calib_lang: str = "en"  # the blend {calib_lang: 1.0} unless calib_blend is set
-    calib_blend: str = ""  # "de:0.5,en:0.5"; overrides calib_lang
-    normalize_blend: bool = False  # rescale weights that do not sum to 1 (else: error)
-    calib_set: int = 0  # which of the disjoint calibration sets of each language
-    calib_source: str = "ntrex"  # ntrex | wmt | tico19 | tydiqa | mc4 (hub)
-    n_samples: int = 32  # windows; paper: 128 (embedded default budget, see README)
-    seq_len: int = 256  # tokens per window; paper: 2048. Never taken from the model config
+    calib_lang: str = _f("en")  # the blend {calib_lang: 1.0} unless calib_blend is set
+    calib_blend: str = _f("")  # "de:0.5,en:0.5"; overrides calib_lang
+    normalize_blend: bool = _f(False)  # rescale weights that do not sum to 1 (else: error)
+    calib_set: int = _f(0, STUDY, TRIAL)  # which of the disjoint calibration sets of each language
+    calib_source: str = _f("ntrex", STUDY, TRIAL)  # ntrex | wmt | tico19 | tydiqa | mc4 (hub)
+    n_samples: int = _f(32, STUDY, TRIAL)  # windows; paper: 128 (embedded default budget, see README)
+    seq_len: int = _f(256, STUDY, TRIAL)  # tokens per window; paper: 2048. Never taken from the model config
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -158,48 +188,51 @@ class CalibCfg:
 
 @dataclass(frozen=True)
 class PruneCfg:
-    method: str = "wanda"  # key in pipeline.pruners.PRUNERS
-    sparsity: float = 0.5  # fraction of weights pruned per matrix (unstructured)
-    pattern: str = "unstructured"  # or N:M, e.g. 2:4
-    true_sequential: bool = False  # re-run between attention and MLP groups
-    sparsegpt_blocksize: int = 128  # columns per OBS block (SparseGPT paper)
-    sparsegpt_percdamp: float = 0.01  # damping as a fraction of mean(diag H)
-    capture_batch_size: int = 8  # calibration windows per forward pass
+    method: str = _f("wanda", STUDY, TRIAL)  # key in pipeline.pruners.PRUNERS
+    sparsity: float = _f(0.5, STUDY, TRIAL)  # fraction of weights pruned per matrix (unstructured)
+    pattern: str = _f("unstructured", STUDY, TRIAL)  # or N:M, e.g. 2:4
+    true_sequential: bool = _f(False, STUDY)  # re-run between attention and MLP groups
+    # Method options: fields named <method>_<option> go to that method's pruner, nowhere else
+    # (method_options; pipeline.pruners.pruner_from_config).
+    sparsegpt_blocksize: int = _f(128, STUDY)  # columns per OBS block (SparseGPT paper)
+    sparsegpt_percdamp: float = _f(0.01, STUDY)  # damping as a fraction of mean(diag H)
+    sparsegpt_factor: str = _f("auto")  # chol(H^-1): auto | products | lapack (paper's sequence)
+    capture_batch_size: int = _f(8)  # calibration windows per forward pass
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise LangpruneError(
-                f"unknown method {self.method!r}; known: {', '.join(METHODS)}"
-                f"{suggest(self.method, list(METHODS))}"
-            )
-        if not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity)):
-            raise LangpruneError(f"sparsity must be a number in [0, 1), got {self.sparsity}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise LangpruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        from pipeline.pruners.base import check_target
+
+        _check_method(self.method)
         n, m = parse_nm(self.pattern)
-        if m and abs(self.sparsity - n / m) > 1e-9:
-            raise LangpruneError(
-                f"pattern {self.pattern} implies sparsity {n / m:g}, but sparsity={self.sparsity:g};"
-                f" set sparsity={n / m:g}"
-            )
+        check_target(self.sparsity, n, m)
         if self.sparsegpt_blocksize < 1:
             raise LangpruneError("sparsegpt_blocksize must be >= 1")
         if not (math.isfinite(self.sparsegpt_percdamp) and self.sparsegpt_percdamp > 0):
             raise LangpruneError("sparsegpt_percdamp must be > 0")
+        if self.sparsegpt_factor not in ("auto", "products", "lapack"):
+            raise LangpruneError(f"sparsegpt_factor must be auto, products or lapack, got "
+                                 f"{self.sparsegpt_factor!r}")
         if self.capture_batch_size < 1:
             raise LangpruneError("capture_batch_size must be >= 1")
+
+    def method_options(self) -> dict[str, Any]:
+        """Every ``<method>_<option>`` field, by its full name (what ``from_options`` reads)."""
+        from pipeline.pruners import PRUNERS
+
+        prefixes = tuple(f"{name}_" for name in PRUNERS.names())
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(prefixes)}
 
 
 @dataclass(frozen=True)
 class EvalCfg:
-    eval_langs: str = ",".join(REQUIRED_LANGS)  # comma-separated language codes
-    eval_source: str = "flores"  # flores (bundled devtest) | flores_hub
-    eval_tokens: int = 2048  # token budget per language for perplexity; 0 = all text
-    eval_seq_len: int = 512  # perplexity window (non-overlapping)
-    eval_batch_size: int = 4
-    tasks: str = "sib200,xnli,belebele"  # bundled suite; any lm-eval task name also works
-    limit: int = 8  # documents per task and language; 0 = all
-    num_fewshot: int = 0
+    eval_langs: str = _f(",".join(REQUIRED_LANGS), DENSE)  # comma-separated language codes
+    eval_source: str = _f("flores", DENSE, STUDY)  # flores (bundled devtest) | flores_hub
+    eval_tokens: int = _f(2048, DENSE, STUDY)  # token budget per language for perplexity; 0 = all text
+    eval_seq_len: int = _f(512, DENSE, STUDY)  # perplexity window (non-overlapping)
+    eval_batch_size: int = _f(4, DENSE)
+    tasks: str = _f("sib200,xnli,belebele", DENSE)  # bundled suite; any lm-eval task name also works
+    limit: int = _f(8, DENSE, STUDY_TASKS)  # documents per task and language; 0 = all
+    num_fewshot: int = _f(0, DENSE, STUDY_TASKS)
 
     def __post_init__(self) -> None:
         _check_langs(self.eval_lang_list, "eval_langs")
@@ -222,11 +255,11 @@ class EvalCfg:
 
 @dataclass(frozen=True)
 class RunCfg:
-    seed: int = 0  # every RNG in a run derives from this
-    experiment: str = "langprune"  # MLflow experiment name
-    run_name: str = ""  # "" = readable default, e.g. wanda-0.5-zh-set0
-    force: bool = False  # re-run even when a finished run has the same config
-    output_dir: str = "outputs"  # local scratch for artifacts before they are logged
+    seed: int = _f(0, DENSE, STUDY, TRIAL)  # every RNG in a run derives from this
+    experiment: str = _f("langprune", EXEC)  # MLflow experiment name
+    run_name: str = _f("", EXEC)  # "" = readable default, e.g. wanda-0.5-zh-set0
+    force: bool = _f(False, EXEC)  # re-run even when a finished run has the same config
+    output_dir: str = _f("outputs", EXEC)  # local scratch for artifacts before they are logged
 
 
 # Defaults a command uses instead of the config's when the user does not set the key. The
@@ -249,11 +282,7 @@ class SweepCfg:
     def __post_init__(self) -> None:
         _check_langs(split_list(self.sweep_langs), "sweep_langs")
         for m in split_list(self.sweep_methods):
-            if m not in METHODS:
-                raise LangpruneError(
-                    f"unknown method {m!r} in sweep_methods; known: {', '.join(METHODS)}"
-                    f"{suggest(m, list(METHODS))}"
-                )
+            _check_method(m, "sweep_methods")
         if not split_list(self.sweep_methods):
             raise LangpruneError("sweep_methods is empty")
         if self.sweep_sets < 1:
@@ -281,16 +310,16 @@ class AnalysisCfg:
 
 @dataclass(frozen=True)
 class SearchCfg:
-    target_lang: str = "sw"  # the language whose objective the blend search optimises
-    objective: str = "ppl"  # ppl | bpb | <task> | weighted mix "ppl:0.5,sib200:0.5"
+    target_lang: str = _f("sw", STUDY, TRIAL)  # the language whose objective the blend search optimises
+    objective: str = _f("ppl", STUDY, TRIAL)  # ppl | bpb | <task> | weighted mix "ppl:0.5,sib200:0.5"
     languages: str = ",".join(REQUIRED_LANGS)  # candidate pool of calibration languages
     n_trials: int = 20
     study_name: str = ""  # "" = blend-<target>-<method>-<objective>-<mode>
     storage: str = ""  # "" = sqlite:///optuna.db in the working directory; any Optuna RDB URL
-    mode: str = "fast"  # fast = cached per-language statistics; exact = full prune per trial
+    mode: str = _f("fast", STUDY, TRIAL)  # fast = cached per-language statistics; exact = full prune per trial
     enqueue_single: bool = False  # also enqueue every single-language blend
     verdict_sets: int = 3  # calibration sets for the best-vs-target-only comparison
-    search_eval_tokens: int = 1024  # target-language perplexity budget per trial
+    search_eval_tokens: int = _f(1024, STUDY, TRIAL)  # target-language perplexity budget per trial
 
     def __post_init__(self) -> None:
         _check_langs([self.target_lang], "target_lang")
@@ -334,12 +363,20 @@ SECTIONS: dict[str, type] = {
     "run": RunCfg,
 }
 
-# Fields that describe *how* a run is executed, not *what* it computes: excluded from the
-# config hash, so a run on cuda reuses an identical run on cpu only if the user says so.
-NON_IDENTITY = frozenset({"force", "run_name", "output_dir", "experiment", "model_cache"})
 # Sections that define what one pruned (or dense) run computes. Sweep and search keys only
 # describe how runs are *grouped*; they are params of the sweep/search parent runs.
 RUN_SECTIONS = ("model", "calib", "prune", "eval", "run")
+
+
+def tagged(tag: str) -> tuple[str, ...]:
+    """Every config key whose field carries ``tag``, in declaration order."""
+    return tuple(f.name for typ in SECTIONS.values() for f in fields(typ)
+                 if tag in f.metadata.get("tags", ()))
+
+
+# Fields that describe *how* a run is executed, not *what* it computes: excluded from the
+# config hash (device is not among them: a cuda run reuses a cpu run only if asked to).
+NON_IDENTITY = frozenset(tagged(EXEC))
 
 
 @dataclass(frozen=True)

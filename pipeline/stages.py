@@ -1,7 +1,7 @@
 """The three stages of a run as plain functions: calibrate, prune, evaluate.
 
 They know nothing of MLflow: they take the config and an in-memory model and return report
-objects; :mod:`pipeline.jobs` logs those reports through :mod:`tracking`.
+objects; :mod:`jobs.main` logs those reports through :mod:`tracking`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, parse_nm
+from pipeline.config import Config
 from pipeline.errors import LangpruneError
 
 log = logging.getLogger(__name__)
@@ -71,26 +71,22 @@ def prune(
     progress: bool = True,
 ):
     """Prune ``model`` in place, layer by layer; returns the engine's PruneResult."""
-    from pipeline.capture import prune_layerwise
-    from pipeline.pruners import SparsityTarget
+    from pipeline.engine import prune_layerwise
+    from pipeline.pruners import pruner_from_config, target_from_config
 
     p = cfg.prune
-    n, m = parse_nm(p.pattern)
-    target = SparsityTarget(sparsity=p.sparsity, n=n, m=m)
     t0 = time.perf_counter()
     result = prune_layerwise(
         model,
         windows,
-        p.method,
-        target,
+        pruner_from_config(p),
+        target_from_config(p),
         device=device,
         offload=cfg.model.offload,
         true_sequential=p.true_sequential,
         batch_size=p.capture_batch_size,
         on_layer_done=on_layer_done,
         progress=progress,
-        sparsegpt_blocksize=p.sparsegpt_blocksize,
-        sparsegpt_percdamp=p.sparsegpt_percdamp,
     )
     log.info("pruned with %s in %.1f s", p.method, time.perf_counter() - t0)
     return result

@@ -43,15 +43,16 @@ def _reached() -> None:
 
 
 def _install(spec: str) -> None:
-    from pipeline import capture
+    import pipeline.engine as engine
+    import pipeline.engine.prune as capture
 
-    real_prune = capture.prune_layerwise
+    real_prune = engine.prune_layerwise
 
     def prune_layerwise(model: Any, *args: Any, **kwargs: Any) -> Any:
         _models.append(model)
         return real_prune(model, *args, **kwargs)
 
-    capture.prune_layerwise = prune_layerwise
+    engine.prune_layerwise = prune_layerwise
     kind, _, arg = spec.partition(":")
     if kind == "hook":
         real_layer, real_hooks, layer_now = (capture._prune_calibrated_layer,
@@ -87,7 +88,7 @@ def _install(spec: str) -> None:
 
         masks.save_file = save_file
     elif kind == "trial":
-        from pipeline import search
+        from jobs import search
 
         real_trial = search._fast_trial
 
@@ -116,7 +117,7 @@ def main() -> int:
     # and Python then keeps ignoring it, so the SIGINT test could never end its victim.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _install(os.environ["FAULT_PAUSE"])
-    from pipeline.cli import main as cli_main
+    from jobs.cli import main as cli_main
 
     rc = 1
     try:

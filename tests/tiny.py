@@ -117,3 +117,16 @@ def tiny_windows(n: int = 6, seq_len: int = SEQ_LEN, seed: int = 0) -> torch.Ten
     """Random token windows ``[n, seq_len]`` in the tiny vocabulary (never the pad token)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, seq_len), generator=gen)
+
+
+def prune_layerwise(model, windows, method, target, *, sparsegpt_blocksize=128,
+                    sparsegpt_percdamp=0.01, **kwargs):
+    """The engine's driver for tests written against a method name: builds the pruner as
+    :func:`pipeline.pruners.pruner_from_config` would, then calls
+    :func:`pipeline.engine.prune_layerwise`."""
+    from pipeline.engine import prune_layerwise as engine_prune
+    from pipeline.pruners import LayerPruner, make_pruner
+
+    pruner = method if isinstance(method, LayerPruner) else make_pruner(
+        method, sparsegpt_blocksize=sparsegpt_blocksize, sparsegpt_percdamp=sparsegpt_percdamp)
+    return engine_prune(model, windows, pruner, target, **kwargs)

@@ -11,7 +11,7 @@ import socket
 import subprocess
 from importlib import metadata
 
-from pipeline.config import RUN_SECTIONS, Config, format_blend
+from pipeline.config import DENSE, RUN_SECTIONS, Config, format_blend, tagged
 from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
 from tracking.reliability import TAG_HTTP_RETRIES, http_retry_tag
@@ -31,6 +31,8 @@ TAG_REUSED = "langprune.reused_run"
 TAG_DENSE = "langprune.dense_run"
 TAG_ENTRY = "langprune.entry_point"
 
+# What the code version covers: a change here makes finished runs stale.
+CODE_PATHS = ("pipeline", "analysis", "tracking", "jobs", "MLproject", "pyproject.toml")
 VERSIONED = ("torch", "transformers", "lm_eval", "mlflow", "datasets", "optuna")
 
 
@@ -69,10 +71,9 @@ def same_param_value(key: str, logged: str, ours: str) -> bool:
 
 
 def dense_identity(cfg: Config) -> dict[str, str]:
-    """What a dense baseline depends on: the model and the evaluation, not pruning/calibration."""
-    keep = {"model", "dtype", "device", "offload", "trust_remote_code", "seed"}
-    keep |= {f for f in cfg.to_flat() if f.startswith("eval_")}
-    keep |= {"tasks", "limit", "num_fewshot"}
+    """What a dense baseline depends on: the model and the evaluation, not pruning/calibration
+    (the config fields tagged ``DENSE``)."""
+    keep = set(tagged(DENSE))
     return {k: v for k, v in cfg.identity().items() if k in keep}
 
 
@@ -103,13 +104,11 @@ def code_version() -> tuple[str, bool, str]:
     if not commit:
         version = "pkg-" + metadata.version("langprune")
         return "unknown", False, version
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "tracking",
-                  "analysis", "MLproject", "pyproject.toml") or ""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) or ""
     dirty = bool(status.strip())
     if not dirty:
         return commit, False, commit
-    diff = _git("diff", "HEAD", "--", "pipeline", "tracking", "analysis", "MLproject",
-                "pyproject.toml") or ""
+    diff = _git("diff", "HEAD", "--", *CODE_PATHS) or ""
     return commit, True, f"{commit}+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:10]}"
 
 

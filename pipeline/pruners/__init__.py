@@ -10,6 +10,10 @@ Use as a library (pure per-matrix functions; mask is bool, True = pruned)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
 from pipeline.pruners.base import (
     ColumnSquares,
     Hessian,
@@ -31,6 +35,9 @@ from pipeline.pruners.sparsegpt import (
 from pipeline.pruners.wanda import WandaPruner, wanda_prune
 from pipeline.registry import Registry
 
+if TYPE_CHECKING:
+    from pipeline.config import PruneCfg
+
 
 def _build_registry() -> Registry[type[LayerPruner]]:
     registry: Registry[type[LayerPruner]] = Registry("pruning method")
@@ -41,6 +48,10 @@ def _build_registry() -> Registry[type[LayerPruner]]:
 
 #: Method name -> pruner class. Built once at import; never mutated afterwards.
 PRUNERS: Registry[type[LayerPruner]] = _build_registry()
+#: Statistic class name -> class (what a stored blend statistic says it is).
+STATISTICS: Mapping[str, type[Statistic]] = MappingProxyType(
+    {cls.__name__: cls for cls in (ColumnSquares, Hessian)}
+)
 
 
 def make_pruner(method: str, **options: object) -> LayerPruner:
@@ -52,8 +63,22 @@ def make_pruner(method: str, **options: object) -> LayerPruner:
     return PRUNERS.get(method).from_options(options)
 
 
+def pruner_from_config(prune: PruneCfg) -> LayerPruner:
+    """The pruner a config asks for: ``prune.method`` with the config's method options.
+
+    The one place where config fields become method options (:meth:`PruneCfg.method_options`).
+    """
+    return make_pruner(prune.method, **prune.method_options())
+
+
+def target_from_config(prune: PruneCfg) -> SparsityTarget:
+    """The uniform sparsity target of a config (``sparsity`` and ``pattern``)."""
+    return SparsityTarget.from_pattern(prune.sparsity, prune.pattern)
+
+
 __all__ = [
     "PRUNERS",
+    "STATISTICS",
     "ColumnSquares",
     "Hessian",
     "HessianFactor",
@@ -69,6 +94,8 @@ __all__ = [
     "factor_hessian",
     "magnitude_prune",
     "make_pruner",
+    "pruner_from_config",
+    "target_from_config",
     "sparsegpt_prune",
     "sparsegpt_prune_factored",
     "wanda_prune",

@@ -1,6 +1,6 @@
 """The pruner interface: targets, outcomes, calibration statistics and the pruner protocol.
 
-A pruner knows nothing of models or data. The layer-wise driver (:mod:`pipeline.capture`)
+A pruner knows nothing of models or data. The layer-wise driver (:mod:`pipeline.engine`)
 asks it for an empty :class:`Statistic`, feeds that statistic the inputs of a linear layer
 (one statistic may serve several layers that read the same input, e.g. q/k/v), and then
 calls :meth:`LayerPruner.prune` with the weight, the statistic and a :class:`SparsityTarget`.
@@ -11,13 +11,19 @@ Lifecycle of a method::
     stat = pruner.make_statistic(in_features, device)   # None: no calibration needed
     stat.add_batch(x)                                   # from a forward pre-hook, per batch
     outcome = pruner.prune(weight, stat, target)        # new weight + mask (+ loss)
+
+Blends without a forward pass (the fast blend search): a statistic built with
+``keep_windows=True`` remembers one language's windows in :meth:`Statistic.blend_state`, and
+:meth:`Statistic.combine` builds the statistic of a blend from such states and window counts.
+How the parts combine is the statistic's business (exact per window for column sums, a
+scaled total for X X^T), so the search names no method.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,7 +84,8 @@ def check_target(sparsity: float, n: int = 0, m: int = 0) -> None:
         raise LangpruneError(f"N:M pattern {n}:{m}: needs integers 0 < N < M")
     if abs(sparsity - n / m) > 1e-9:
         raise LangpruneError(
-            f"pattern {n}:{m} implies sparsity {n / m:g}, but sparsity={sparsity:g}"
+            f"pattern {n}:{m} implies sparsity {n / m:g}, but sparsity={sparsity:g};"
+            f" set sparsity={n / m:g}"
         )
 
 
@@ -106,9 +113,10 @@ class Statistic(ABC):
     layers that read the same input tensor.
     """
 
-    def __init__(self, in_features: int, device: torch.device) -> None:
+    def __init__(self, in_features: int, device: torch.device, keep_windows: bool = False) -> None:
         self.in_features = in_features
         self.device = device
+        self.keep_windows = keep_windows  # remember per-window parts (see blend_state)
         self.n_tokens = 0
         self.n_windows = 0
         # Quantities derived from the finished statistic (e.g. SparseGPT's Cholesky factor),
@@ -143,18 +151,68 @@ class Statistic(ABC):
     def nbytes(self) -> int:
         """Memory held by the statistic, in bytes."""
 
+    @abstractmethod
+    def blend_state(self) -> Tensor:
+        """What one language contributes to blends: a float32 tensor for :meth:`combine`."""
+
+    @classmethod
+    @abstractmethod
+    def combine(cls, parts: Sequence[tuple[Tensor, int, int]], device: torch.device) -> Statistic:
+        """The statistic of a blend from ``(blend_state, windows stored, windows taken)`` parts.
+
+        Raises:
+            LangpruneError: a part takes more windows than it stores, or no part is given.
+        """
+
+
+def check_parts(parts: Sequence[tuple[Tensor, int, int]]) -> None:
+    """Every part takes between 1 and its stored windows; at least one part."""
+    if not parts:
+        raise LangpruneError("a blend without windows has no statistics")
+    for _, stored, count in parts:
+        if not 0 < count <= stored:
+            raise LangpruneError(f"{count} windows asked of a statistic of {stored}")
+
 
 class ColumnSquares(Statistic):
-    """Per input feature j, the sum over all calibration tokens of x_j^2 (Wanda)."""
+    """Per input feature j, the sum over all calibration tokens of x_j^2 (Wanda, RIA).
 
-    def __init__(self, in_features: int, device: torch.device) -> None:
-        super().__init__(in_features, device)
+    A blend is exact: with ``keep_windows`` each window's sums are kept, and a blend adds the
+    first ``c_L`` windows of each language.
+    """
+
+    def __init__(self, in_features: int, device: torch.device, keep_windows: bool = False) -> None:
+        super().__init__(in_features, device, keep_windows)
         self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self._windows: list[Tensor] = []
+
+    def add_batch(self, x: Tensor) -> None:
+        super().add_batch(x)
+        if self.keep_windows:
+            b = x.shape[0] if x.dim() >= 3 else 1
+            per_window = x.detach().reshape(b, -1, self.in_features).float()
+            self._windows.append(per_window.square().sum(dim=1))
 
     def _accumulate(self, flat: Tensor) -> None:
         # Squares summed down the token dimension in float32 (a bf16 input is upcast first).
         # 4-6x faster on the CPU than vector_norm(dim=0).square(), which also rounds twice.
         self.sum_sq += flat.float().square().sum(dim=0)
+
+    def blend_state(self) -> Tensor:
+        """``[n_windows, in_features]``: per window, the sums of x_j^2 over its tokens."""
+        if not self.keep_windows:
+            raise RuntimeError("blend_state() needs a statistic built with keep_windows=True")
+        return torch.cat(self._windows) if self._windows else torch.zeros(0, self.in_features)
+
+    @classmethod
+    def combine(cls, parts: Sequence[tuple[Tensor, int, int]],
+                device: torch.device) -> ColumnSquares:
+        check_parts(parts)
+        stat = cls(int(parts[0][0].shape[-1]), device)
+        for state, _, count in parts:
+            stat.sum_sq += state[:count].to(device).sum(dim=0)
+            stat.n_windows += count
+        return stat
 
     def col_norms(self) -> Tensor:
         """``||X_j||_2`` over all calibration tokens, float32 ``[in_features]``."""
@@ -163,6 +221,7 @@ class ColumnSquares(Statistic):
     def release(self) -> None:
         super().release()
         self.sum_sq = torch.empty(0)
+        self._windows = []
 
     def is_finite(self) -> bool:
         return all_finite(self.sum_sq)
@@ -175,6 +234,9 @@ class ColumnSquares(Statistic):
 class Hessian(Statistic):
     """The sum over all calibration tokens of x x^T, float32 ``[in, in]`` (SparseGPT).
 
+    A blend is an expectation, not exact: storing X X^T per window is infeasible, so a blend
+    takes ``c_L / n_L`` of each language's total over its ``n_L`` windows.
+
     X^T X is symmetric, so only the blocks on and above the diagonal are accumulated: row
     block ``i`` gets ``X_i^T X[:, i:]``, one GEMM per block of :data:`SYM_BLOCK` rows. For
     d = 2048 that is 9/16 of the FLOPs of the full ``addmm`` (torch exposes no ``syrk``);
@@ -184,8 +246,9 @@ class Hessian(Statistic):
     #: Rows per block of the symmetric accumulation; a single full GEMM below twice this.
     SYM_BLOCK = 256
 
-    def __init__(self, in_features: int, device: torch.device) -> None:
-        super().__init__(in_features, device)
+    def __init__(self, in_features: int, device: torch.device, keep_windows: bool = False) -> None:
+        # X X^T is a total in any case: a blend scales it (see combine), nothing per window.
+        super().__init__(in_features, device, keep_windows)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._mirrored = True
         self._taken = False
@@ -244,6 +307,20 @@ class Hessian(Statistic):
     def nbytes(self) -> int:
         return self.xtx.numel() * 4
 
+    def blend_state(self) -> Tensor:
+        """``[in, in]``: the full X X^T over the language's windows (not scaled)."""
+        self._mirror()
+        return self.xtx
+
+    @classmethod
+    def combine(cls, parts: Sequence[tuple[Tensor, int, int]], device: torch.device) -> Hessian:
+        check_parts(parts)
+        stat = cls(int(parts[0][0].shape[-1]), device)
+        for state, stored, count in parts:
+            stat.xtx.add_(state.to(device), alpha=count / stored)
+            stat.n_windows += count
+        return stat
+
 
 class LayerPruner(ABC):
     """A pruning method: which statistic it needs and how it prunes one weight matrix."""
@@ -252,18 +329,29 @@ class LayerPruner(ABC):
     name: ClassVar[str] = ""
     #: False when the method needs no calibration data: the driver then runs no forward passes.
     needs_calibration: ClassVar[bool] = True
+    #: The calibration statistic the method reads (what :meth:`make_statistic` builds).
+    statistic: ClassVar[type[Statistic] | None] = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LayerPruner:
         """Build from engine options (e.g. ``sparsegpt_blocksize``); unknown ones are ignored."""
         return cls()
 
-    def make_statistic(self, in_features: int, device: torch.device) -> Statistic | None:
+    def make_statistic(self, in_features: int, device: torch.device,
+                       keep_windows: bool = False) -> Statistic | None:
         """A fresh, empty statistic for a linear layer with ``in_features`` inputs.
 
         ``None`` means the method needs no calibration data (no hooks, no forward passes).
         """
-        return None
+        return None if self.statistic is None else self.statistic(in_features, device,
+                                                                    keep_windows)
+
+    def check_target(self, target: SparsityTarget) -> None:
+        """Raise :class:`LangpruneError` if the method cannot reach ``target`` (before work)."""
+
+    def numerics(self, device: torch.device | str) -> dict[str, str]:
+        """Numerical choices the method makes on ``device`` (logged as tags); none by default."""
+        return {}
 
     @abstractmethod
     def prune(

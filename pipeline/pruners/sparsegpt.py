@@ -56,9 +56,11 @@ MAX_DAMP_RETRIES = 6  # up to 10^6 x the initial damping before giving up
 # Columns per nested lazy update inside a block (see _prune_block): small enough that the
 # rank-1 updates touch little memory, large enough that the sub-block matmuls are efficient.
 SUBBLOCK = 16
-# True: factor with LAPACK's cholesky -> cholesky_inverse -> cholesky on every device (the
-# paper's sequence); False: the product-based factorisation on the CPU (same U up to rounding).
-REFERENCE_FACTOR = False
+# How U = chol(H^-1) is computed (config key ``sparsegpt_factor``): ``lapack`` is the paper's
+# cholesky -> cholesky_inverse -> cholesky on every device; ``products`` the product-based
+# factorisation (:mod:`pipeline.pruners.linalg`); ``auto`` products on the CPU, else lapack.
+# All give the same U up to float32 rounding.
+FACTORS = ("auto", "products", "lapack")
 
 
 @dataclass
@@ -95,13 +97,15 @@ class HessianFactor:
 
 
 def factor_hessian(
-    hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP, *, overwrite: bool = False
+    hessian: Tensor, percdamp: float = DEFAULT_PERCDAMP, *, overwrite: bool = False,
+    factor: str = "auto",
 ) -> HessianFactor:
     """Prepare ``hessian`` for :func:`sparsegpt_prune_factored` (dead inputs, damping, Cholesky).
 
     Args:
         overwrite: Work in ``hessian`` itself (float32) instead of a copy: dead diagonal
             entries become 1; one d x d matrix less at the peak.
+        factor: How U is computed, one of :data:`FACTORS` (see :func:`factor_method`).
 
     Raises:
         LangpruneError: if ``hessian`` is not finite and square, or Cholesky fails on every retry.
@@ -114,11 +118,13 @@ def factor_hessian(
     H = hessian.detach() if in_place else hessian.detach().to(torch.float32, copy=True)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # dead inputs: never non-zero, so their weights cannot matter
-    upper, retries = inverse_hessian_factor(H, percdamp)
+    upper, retries = inverse_hessian_factor(H, percdamp, factor)
     return HessianFactor(upper, dead, retries)
 
 
-def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, int]:
+def inverse_hessian_factor(
+    hessian: Tensor, percdamp: float, factor: str = "auto"
+) -> tuple[Tensor, int]:
     """Upper Cholesky factor U of (H + lambda I)^-1, lambda = percdamp * mean(diag H).
 
     If a factorisation fails (H not positive definite in float32), lambda is multiplied by
@@ -138,7 +144,7 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, in
         for retry in range(MAX_DAMP_RETRIES + 1):
             # H + lambda I without a second d x d matrix (and without building I).
             torch.add(undamped, damp, out=diag)
-            upper, info = _upper_factor_of_inverse(hessian)
+            upper, info = _upper_factor_of_inverse(hessian, factor)
             if int(info) == 0 and all_finite(upper):
                 return upper, retry
             log.warning("sparsegpt: Cholesky failed with damping %.3g; retrying with %.3g",
@@ -152,21 +158,24 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> tuple[Tensor, in
     )
 
 
-def factor_method(device: torch.device | str) -> str:
-    """``products`` (CPU, :mod:`pipeline.pruners.linalg`) or ``lapack`` (the paper's sequence):
-    how :func:`factor_hessian` computes U on ``device``."""
-    cpu = torch.device(device).type == "cpu"
-    return "products" if cpu and not REFERENCE_FACTOR else "lapack"
+def factor_method(device: torch.device | str, factor: str = "auto") -> str:
+    """``products`` (:mod:`pipeline.pruners.linalg`) or ``lapack`` (the paper's sequence):
+    how :func:`factor_hessian` computes U on ``device`` for the setting ``factor``."""
+    if factor not in FACTORS:
+        raise LangpruneError(f"unknown sparsegpt_factor {factor!r}; known: {', '.join(FACTORS)}")
+    if factor != "auto":
+        return factor
+    return "products" if torch.device(device).type == "cpu" else "lapack"
 
 
-def _upper_factor_of_inverse(h: Tensor) -> tuple[Tensor, int]:
+def _upper_factor_of_inverse(h: Tensor, factor: str = "auto") -> tuple[Tensor, int]:
     """U with U^T U = h^-1 (upper triangular), and a LAPACK-style ``info`` (0 = success).
 
     On the CPU from matrix products (:mod:`pipeline.pruners.linalg`: ~3x faster there than
     LAPACK on one thread); elsewhere the reference sequence cholesky -> cholesky_inverse ->
     upper cholesky of the SparseGPT paper. Both give U up to float32 rounding.
     """
-    if factor_method(h.device) == "products":
+    if factor_method(h.device, factor) == "products":
         return upper_factor_of_inverse(h)
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info):
@@ -201,6 +210,7 @@ def sparsegpt_prune(
     m: int = 0,
     blocksize: int = DEFAULT_BLOCKSIZE,
     percdamp: float = DEFAULT_PERCDAMP,
+    factor: str = "auto",
 ) -> SparseGPTResult:
     """Prune one weight matrix with SparseGPT's optimal-brain-surgeon updates.
 
@@ -219,6 +229,7 @@ def sparsegpt_prune(
         m: Group size (0 = unstructured); ``blocksize`` must be a multiple of it.
         blocksize: Columns per lazy-update block.
         percdamp: Damping lambda as a fraction of mean(diag H).
+        factor: How U = chol(H^-1) is computed, one of :data:`FACTORS`.
 
     Returns:
         A :class:`SparseGPTResult` (weight, mask with True = pruned, loss, damp_retries).
@@ -226,8 +237,8 @@ def sparsegpt_prune(
     check_target(sparsity, n, m)
     check_weight(weight)
     _check_inputs(weight, hessian, n, m, blocksize)
-    factor = factor_hessian(hessian.to(weight.device), percdamp)
-    return sparsegpt_prune_factored(weight, factor, sparsity, n, m, blocksize)
+    prepared = factor_hessian(hessian.to(weight.device), percdamp, factor=factor)
+    return sparsegpt_prune_factored(weight, prepared, sparsity, n, m, blocksize)
 
 
 @torch.no_grad()
@@ -311,38 +322,50 @@ def _subblock(m: int) -> int:
 
 
 class SparseGPTPruner(LayerPruner):
-    """SparseGPT with configurable block size and damping."""
+    """SparseGPT with configurable block size, damping and factorisation."""
 
     name = "sparsegpt"
+    statistic = Hessian
 
-    def __init__(self, blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP):
+    def __init__(self, blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP,
+                 factor: str = "auto"):
         if blocksize < 1:
             raise LangpruneError(f"sparsegpt_blocksize must be >= 1, got {blocksize}")
         if not percdamp > 0:
             raise LangpruneError(f"sparsegpt_percdamp must be > 0, got {percdamp}")
+        factor_method("cpu", factor)  # validates the name
         self.blocksize = blocksize
         self.percdamp = percdamp
+        self.factor = factor
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SparseGPTPruner:
         return cls(
             blocksize=int(options.get("sparsegpt_blocksize", DEFAULT_BLOCKSIZE)),
             percdamp=float(options.get("sparsegpt_percdamp", DEFAULT_PERCDAMP)),
+            factor=str(options.get("sparsegpt_factor", "auto")),
         )
 
-    def make_statistic(self, in_features: int, device: torch.device) -> Statistic:
-        return Hessian(in_features, device)
+    def check_target(self, target: SparsityTarget) -> None:
+        if target.m and self.blocksize % target.m:
+            raise LangpruneError(
+                f"sparsegpt_blocksize={self.blocksize} must be a multiple of M={target.m} "
+                f"for {target.describe()}"
+            )
+
+    def numerics(self, device: torch.device | str) -> dict[str, str]:
+        return {"sparsegpt_factor": factor_method(device, self.factor)}
 
     def prune(
         self, weight: Tensor, statistic: Statistic | None, target: SparsityTarget
     ) -> PruneOutcome:
         if not isinstance(statistic, Hessian):
             raise TypeError("sparsegpt needs a Hessian statistic")
-        key = f"sparsegpt_factor:{self.percdamp!r}"
+        key = f"sparsegpt_factor:{self.percdamp!r}:{self.factor}"
         if key not in statistic.derived:  # computed once per shared statistic
             # the statistic is complete once pruning starts: factor its own buffer, no copy
             statistic.derived[key] = factor_hessian(statistic.take_hessian(), self.percdamp,
-                                                    overwrite=True)
+                                                    overwrite=True, factor=self.factor)
         res = sparsegpt_prune_factored(
             weight, statistic.derived[key], target.sparsity, target.n, target.m, self.blocksize
         )

@@ -80,9 +80,7 @@ class WandaPruner(LayerPruner):
     """Wanda: per-row selection by ``|W| * ||X||_2``."""
 
     name = "wanda"
-
-    def make_statistic(self, in_features: int, device: torch.device) -> Statistic:
-        return ColumnSquares(in_features, device)
+    statistic = ColumnSquares
 
     def prune(
         self, weight: Tensor, statistic: Statistic | None, target: SparsityTarget

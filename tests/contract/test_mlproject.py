@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.projects._project_spec import load_project
 
-from pipeline.cli import build_config
+from jobs.cli import build_config
 from pipeline.config import COMMAND_DEFAULTS, Config, canonical
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config
-from pipeline.jobs import run_main
+from jobs.main import run_main
 
 pytestmark = pytest.mark.slow
 

@@ -18,17 +18,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import pipeline.analyze as A
+import jobs.analyze as A
 from analysis import report as AR
 from analysis.snr import snr_db
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
-from pipeline.jobs import run_sweep
+from jobs.sweep import run_sweep
 from pipeline.masks import apply_masks, load_masks
 from pipeline.models import decoder_layers
 from tests.tiny import tiny_model
 from tracking import runs_table as RT
-from tracking.report import run_report
+from jobs.report import run_report
 
 LANGS = ["de", "en", "sw"]
 OVERRIDES = {

@@ -4,7 +4,7 @@ Each case asserts: a non-zero exit, exactly one ``error: ...`` line on stderr th
 offending value, no traceback, no model weights loaded (the loaders are replaced by a trap
 in-process: reaching them fails the case), and no MLflow run that looks successful (the
 store is checked after every case). Most cases run in-process through
-:func:`pipeline.cli.main`; the ones marked ``sub`` also run as ``python -m pipeline``.
+:func:`jobs.cli.main`; the ones marked ``sub`` also run as ``python -m pipeline``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli
+from jobs import cli
 from pipeline.paths import REPO_ROOT
 from tests.servers import free_port
 

@@ -10,18 +10,17 @@ import torch
 from torch import nn
 
 import pipeline.models as models_mod
-from pipeline.capture import (
+from pipeline.engine import (
     LayerStep,
     capture_layer_inputs,
     discover_input_groups,
     layerwise_forward,
-    prune_layerwise,
 )
 from pipeline.errors import LangpruneError
 from pipeline.models import decoder_layers, find_linears
 from pipeline.pruners import ColumnSquares, Hessian, LayerPruner, PruneOutcome, SparsityTarget
 from pipeline.sparsity import sparsity_tables
-from tests.tiny import FAMILIES, tiny_model, tiny_windows
+from tests.tiny import FAMILIES, prune_layerwise, tiny_model, tiny_windows
 
 CPU = torch.device("cpu")
 HALF = SparsityTarget(0.5)

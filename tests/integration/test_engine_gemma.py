@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.capture import layerwise_forward, prune_layerwise
+from pipeline.engine import layerwise_forward
+from tests.tiny import prune_layerwise
 from pipeline.config import ModelCfg
 from pipeline.pruners import SparsityTarget
 from pipeline.sparsity import sparsity_tables

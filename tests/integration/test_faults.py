@@ -25,11 +25,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import search as S
-from pipeline.cli import main as cli_main
+from jobs import search as S
+from jobs.cli import main as cli_main
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
-from pipeline.jobs import run_main
+from jobs.main import run_main
 from pipeline.masks import load_masks
 from pipeline.paths import REPO_ROOT
 from tests.servers import wait_http

@@ -15,12 +15,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import search as S
+from jobs import search as S
+from pipeline.engine import blend as B
 from pipeline.config import Config
 from pipeline.data.sampler import build_calibration, largest_remainder
 from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
-from pipeline.pruners import SparsityTarget, WandaPruner
+from pipeline.pruners import ColumnSquares, SparsityTarget, WandaPruner
 from tracking import optuna_mlflow as OM
 from tracking import params as P
 from tracking.runs import Interrupted
@@ -175,16 +176,16 @@ class _Recording(WandaPruner):
 def test_fast_first_layer_statistics_equal_the_engines(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.capture import prune_layerwise
+    from pipeline.engine import prune_layerwise
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     base = Config.from_overrides({"n_samples": "6", "seq_len": "32"})
     cpu = torch.device("cpu")
-    stats = {lang: S.collect_language_stats(
+    stats = {lang: B.collect_language_stats(
         model, build_calibration(tok, base.replace(calib_lang=lang).calib, 0,
-                                 progress=False).windows, lang, S.COLUMNS, device=cpu,
+                                 progress=False).windows, lang, WandaPruner(), device=cpu,
         batch_size=4) for lang in ("de", "sw")}
     point = S.blend_from_raw({"de": 1.0, "sw": 2.0}, 6)
     assert point.counts == {"de": 2, "sw": 4}
@@ -194,33 +195,33 @@ def test_fast_first_layer_statistics_equal_the_engines(tiny_model_dir):
     target = SparsityTarget(0.5)
     prune_layerwise(model, windows, recorder, target, device=cpu, batch_size=4, progress=False)
     layer0 = stats["de"].layers[0]
-    expected = [S.combine_stats(stats, point.counts, 0, j)
+    expected = [B.combine_stats(stats, point.counts, 0, j).sum_sq
                 for j, group in enumerate(layer0) for _ in group.names]
     n0 = len(expected)
     for got, want in zip(recorder.seen[:n0], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # later layers see pruned inputs in exact mode, dense ones in fast mode: they differ
-    first_of_layer1 = S.combine_stats(stats, point.counts, 1, 0)
+    first_of_layer1 = B.combine_stats(stats, point.counts, 1, 0).sum_sq
     assert not torch.allclose(recorder.seen[n0], first_of_layer1, rtol=1e-4)
 
     # same layer-0 statistics -> the same layer-0 weights after pruning
     exact_layer0 = {k: v.clone() for k, v in model.model.layers[0].state_dict().items()}
     model.load_state_dict(dense)
-    sparsity = S.prune_from_stats(model, stats, point.counts, "wanda", target, device=cpu)
+    sparsity = B.prune_from_stats(model, stats, point.counts, WandaPruner(), target, device=cpu)
     assert sparsity == pytest.approx(0.5)
     for k, v in model.model.layers[0].state_dict().items():
         torch.testing.assert_close(v, exact_layer0[k])
 
 
 def test_statistics_cache_round_trip(tmp_path):
-    stats = S.LanguageStats("de", S.COLUMNS, 3, [[S.GroupStats(("q", "k"), torch.rand(3, 4))],
-                                                 [S.GroupStats(("o",), torch.rand(3, 2))]])
+    stats = B.LanguageStats("de", ColumnSquares, 3, [[B.GroupStats(("q", "k"), torch.rand(3, 4))],
+                                                 [B.GroupStats(("o",), torch.rand(3, 2))]])
     path = tmp_path / "s.safetensors"
-    S.save_stats(stats, path)
-    back = S.load_stats(path, torch.device("cpu"))
+    B.save_stats(stats, path)
+    back = B.load_stats(path, torch.device("cpu"))
     assert back.lang == "de" and back.n_windows == 3 and back.layers[0][0].names == ("q", "k")
     torch.testing.assert_close(back.layers[1][0].tensor, stats.layers[1][0].tensor)
-    assert S.load_stats(tmp_path / "missing.safetensors", torch.device("cpu")) is None
+    assert B.load_stats(tmp_path / "missing.safetensors", torch.device("cpu")) is None
 
 
 # ---- studies ------------------------------------------------------------------------------------

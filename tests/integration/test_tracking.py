@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
-from pipeline.jobs import run_main
+from jobs.main import run_main
 from tracking import params as P
 from tracking import runs as R
 

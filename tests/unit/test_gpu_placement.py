@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.capture as capture_mod
+import pipeline.engine.groups as groups_mod
+import pipeline.engine.inputs as inputs_mod
+import pipeline.engine.prune as prune_mod
 import pipeline.models as models_mod
-from pipeline.capture import _embedding_placement, _make_stats, _Run, prune_layerwise
+from pipeline.engine.inputs import _embedding_placement
+from pipeline.engine.prune import _make_stats, _Run
 from pipeline.config import ModelCfg
 from pipeline.errors import LangpruneError
 from pipeline.models import decoder_layers, find_linears, onloaded, resolve_device, resolve_dtype
 from pipeline.pruners import ColumnSquares, Hessian, SparsityTarget, make_pruner
-from tests.tiny import tiny_model, tiny_windows
+from tests.tiny import prune_layerwise, tiny_model, tiny_windows
 
 META = torch.device("meta")
 HALF = SparsityTarget(0.5)
@@ -133,9 +136,9 @@ def test_prepare_moves_the_whole_model_only_without_offload(monkeypatch):
     moved = []
     monkeypatch.setattr(models_mod, "move_module", lambda m, d: moved.append((m, d)))
     model = tiny_model("llama")
-    capture_mod._prepare(model, META, offload=True)
+    inputs_mod._prepare(model, META, offload=True)
     assert moved == []
-    capture_mod._prepare(model, META, offload=False)
+    inputs_mod._prepare(model, META, offload=False)
     assert moved == [(model, META)]
 
 
@@ -147,7 +150,7 @@ def test_statistics_are_created_on_the_compute_device_not_the_weights(method, st
     layer = decoder_layers(tiny_model("llama").to(torch.bfloat16))[0]  # weights: cpu, bf16
     linears = find_linears(layer)
     groups = _llama_groups(linears)
-    run = _Run(make_pruner(method), HALF, META, True, capture_mod.PruneResult(method, HALF),
+    run = _Run(make_pruner(method), HALF, META, True, prune_mod.PruneResult(method, HALF),
                progress=False)
     hooked, owned = _make_stats(run, linears, groups)
     assert set(owned) == set(linears) and len(hooked) == 4  # q/k/v and gate/up share
@@ -161,7 +164,7 @@ def _llama_groups(linears):
     names = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
     order = [n for group in names for n in group]
-    return [capture_mod.InputGroup(g, order.index(g[-1]), (g[-1], 1)) for g in names]
+    return [groups_mod.InputGroup(g, order.index(g[-1]), (g[-1], 1)) for g in names]
 
 
 def test_bf16_activations_accumulate_in_float32_on_device():

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import pipeline.masks as masks_mod
-from pipeline.capture import prune_layerwise
 from pipeline.errors import LangpruneError
 from pipeline.masks import (
     PackedMask,
@@ -23,7 +22,7 @@ from pipeline.masks import (
     save_masks,
 )
 from pipeline.pruners import SparsityTarget
-from tests.tiny import tiny_model, tiny_windows
+from tests.tiny import prune_layerwise, tiny_model, tiny_windows
 
 
 def _random_masks(seed: int = 0) -> dict[str, torch.Tensor]:

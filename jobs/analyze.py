@@ -11,7 +11,7 @@ text: a member run contributes only its params and its ``masks/masks.safetensors
 2. **Per-run analyses** (:func:`analyze_member`) for members not yet tagged
    ``langprune.analysis=done`` (or all with ``force``). The dense model is loaded once; each
    run's masks are applied to it (``pipeline.masks.apply_masks``, bit-exact zeros) and the
-   dense weights are restored after (:class:`pipeline.jobs.DenseSnapshot`). On FLORES
+   dense weights are restored after (:class:`pipeline.models.DenseSnapshot`). On FLORES
    windows of every evaluation language (``analysis_tokens`` per language, windows of
    ``analysis_seq_len`` tokens, BOS first when the tokenizer has one):
 
@@ -325,7 +325,7 @@ class Engine:
         return decoder_layers(self.model)
 
     def walk(self, ids: Tensor) -> Iterator[Any]:
-        from pipeline.capture import layerwise_forward
+        from pipeline.engine import layerwise_forward
 
         return layerwise_forward(self.model, ids, device=self.device, batch_size=self.batch_size,
                                  offload=self.offload, progress=False)
@@ -552,7 +552,7 @@ def analysis_model_cfg(cfg: Config, sweep_params: Mapping[str, str]) -> ModelCfg
 
 def build_context(cfg: Config, sweep: RT.Sweep, *, progress: bool = True) -> Context:
     """Load the model once, prepare the text and the dense reference (from cache if there)."""
-    from pipeline.jobs import DenseSnapshot
+    from pipeline.models import DenseSnapshot
     from pipeline.loading import load_model
     from pipeline.paths import cache_dir
 

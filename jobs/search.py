@@ -16,7 +16,7 @@ the target language) or ``<task>.<metric>`` for any lm-eval task (maximised). A 
 ``"ppl:0.5,sib200:10"`` is minimised as ``sum_t w_t * s_t * metric_t`` with ``s_t = +1`` for
 lower-is-better and ``-1`` for higher-is-better metrics (the weights set the scales).
 
-**Modes.** ``exact``: every trial is a full tracked pruned run (:func:`pipeline.jobs.run_main`:
+**Modes.** ``exact``: every trial is a full tracked pruned run (:func:`jobs.main.run_main`:
 layer-wise prune with the blend's windows, the configured evaluation, masks), a child of the
 trial's run, and reused like any run with the same config. ``fast``: one shared pass per pool
 language over the *dense* model stores, per decoder layer and input group, Wanda's per-window
@@ -97,14 +97,31 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import TrialState
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline import models, stages
-from pipeline.config import OBJECTIVES_LOWER, Config, format_blend, split_list
+from pipeline.config import (
+    OBJECTIVES_LOWER,
+    STUDY,
+    STUDY_TASKS,
+    TRIAL,
+    Config,
+    format_blend,
+    split_list,
+    tagged,
+)
 from pipeline.errors import LangpruneError
-from pipeline.jobs import DenseSnapshot, check_inputs, preflight, run_main
-from pipeline.pruners import SparsityTarget
+from jobs.main import check_inputs, preflight, run_main
+from pipeline.models import DenseSnapshot
+from pipeline.engine.blend import (
+    STATS_FORMAT,
+    LanguageStats,
+    collect_language_stats,
+    load_stats,
+    prune_from_stats,
+    save_stats,
+)
+from pipeline.pruners import PRUNERS, SparsityTarget, pruner_from_config, target_from_config
 from tracking import optuna_mlflow as OM
 from tracking import params as P
 from tracking import runs as R
@@ -121,17 +138,8 @@ ENQUEUE_WAIT_S = 30.0  # how long a joining worker waits for the creator without
 WORKER_ATTR = "worker"  # trial user attr: host:pid of the worker running it
 CONFIG_ATTR = "langprune_config"  # study user attr: the config the study was created with
 SLOTS_ATTR = "langprune_slots"  # study user attr: trials enqueued (set after enqueuing them)
-STATS_FORMAT = "langprune.blendstats/1"
-COLUMNS, HESSIAN = "columns", "hessian"  # fast-mode statistic kinds
-STAT_KIND = {"wanda": COLUMNS, "sparsegpt": HESSIAN}
 # Trials that count towards n_trials: everything started (WAITING = enqueued, not started).
 _STARTED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-# Config keys that define what a study's trials compute; a resumed study must match them.
-_STUDY_KEYS = ("model", "dtype", "calib_source", "calib_set", "n_samples", "seq_len", "method",
-               "sparsity", "pattern", "true_sequential", "sparsegpt_blocksize",
-               "sparsegpt_percdamp", "target_lang", "objective", "mode", "seed", "eval_source",
-               "eval_seq_len", "eval_tokens", "search_eval_tokens")
-_TASK_KEYS = ("limit", "num_fewshot")
 
 
 class TrialFailure(Exception):
@@ -328,196 +336,6 @@ def corner(pool: Sequence[str], lang: str) -> dict[str, float]:
     return {param_name(p): w for p, w in single(pool, lang).items()}
 
 
-# ---- fast mode: per-language statistics of the dense model ---------------------------------
-
-
-@dataclass
-class GroupStats:
-    """The statistic of one group of linears that read the same input, for one language.
-
-    Attributes:
-        names: Member names relative to the decoder layer (the first one is hooked).
-        tensor: ``columns``: ``[n_windows, in]``, per window the sum over its tokens of x^2;
-            ``hessian``: ``[in, in]``, the sum over all windows of X X^T. float32.
-    """
-
-    names: tuple[str, ...]
-    tensor: Tensor
-
-
-@dataclass
-class LanguageStats:
-    """Fast-mode statistics of one language's calibration windows, per layer and group."""
-
-    lang: str
-    kind: str
-    n_windows: int
-    layers: list[list[GroupStats]]
-
-    def partial(self, layer: int, group: int, count: int) -> Tensor:
-        """The statistic of ``count`` of this language's windows (see the module docstring)."""
-        t = self.layers[layer][group].tensor
-        if count > self.n_windows:
-            raise LangpruneError(f"{self.lang}: {count} windows asked, {self.n_windows} stored")
-        if self.kind == COLUMNS:
-            return t[:count].sum(dim=0)
-        return t * (count / self.n_windows)
-
-
-def combine_stats(stats: Mapping[str, LanguageStats], counts: Mapping[str, int], layer: int,
-                  group: int) -> Tensor:
-    """The blend's statistic: sum of each language's part for its window count."""
-    total: Tensor | None = None
-    for lang, count in counts.items():
-        part = stats[lang].partial(layer, group, count)
-        total = part.clone() if total is None else total.add_(part)
-    if total is None:
-        raise LangpruneError("a blend without windows has no statistics")
-    return total
-
-
-def _accumulator(kind: str, slot: Tensor, cursor: list[int]) -> Callable[[Tensor], None]:
-    """A hook body adding one batch's inputs into ``slot`` (rows from ``cursor[0]``)."""
-
-    def columns(x: Tensor) -> None:
-        b = x.shape[0]
-        per_window = x.detach().reshape(b, -1, x.shape[-1])
-        sq = torch.linalg.vector_norm(per_window, dim=1, dtype=torch.float32).square()
-        slot[cursor[0] : cursor[0] + b] += sq
-
-    def hessian(x: Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        slot.addmm_(flat.T, flat)
-
-    return columns if kind == COLUMNS else hessian
-
-
-def _layer_stats(layer: nn.Module, inputs: list[Any], index: int, groups: Sequence[Any],
-                 kind: str, n_windows: int, device: torch.device) -> list[GroupStats]:
-    """One forward of ``layer`` over every batch: statistics of each group, outputs kept."""
-    from pipeline.capture import input_hooks
-
-    linears = models.find_linears(layer)
-    slots, feeds, cursor = [], {}, [0]
-    for group in groups:
-        d = linears[group.names[0]].in_features
-        shape = (n_windows, d) if kind == COLUMNS else (d, d)
-        slots.append(torch.zeros(shape, dtype=torch.float32, device=device))
-        feeds[group.names[0]] = _accumulator(kind, slots[-1], cursor)
-    hooked = {name: linears[name] for name in feeds}
-    with input_hooks(hooked, lambda name, x: feeds[name](x)), torch.inference_mode():
-        for inp in inputs:
-            inp.hidden_states = inp.call(layer, index)  # the next layer's (dense) inputs
-            cursor[0] += inp.hidden_states.shape[0]
-    return [GroupStats(tuple(g.names), s) for g, s in zip(groups, slots, strict=True)]
-
-
-def collect_language_stats(model: nn.Module, windows: Tensor, lang: str, kind: str, *,
-                           device: torch.device, batch_size: int = 8,
-                           offload: bool = False) -> LanguageStats:
-    """Walk the dense model over one language's windows, storing every group's statistic.
-
-    Groups are found as the engine finds them (:func:`pipeline.capture.discover_input_groups`),
-    so a fast-mode statistic and the engine's belong to the same linears.
-    """
-    from pipeline.capture import capture_layer_inputs, discover_input_groups
-
-    if kind not in (COLUMNS, HESSIAN):
-        raise ValueError(f"unknown statistic kind {kind!r}")
-    inputs = capture_layer_inputs(model, windows, batch_size, device, offload=offload)
-    _, layers = models.find_decoder_layers(model)
-    found: dict[tuple[Any, ...], list[Any]] = {}
-    out: list[list[GroupStats]] = []
-    for i, layer in enumerate(layers):
-        with models.onloaded(layer, device, offload), torch.inference_mode():
-            linears = models.find_linears(layer)
-            key = (type(layer), tuple(linears))
-            if key not in found:
-                found[key] = discover_input_groups(layer, linears, inputs[0], i)
-            out.append(_layer_stats(layer, inputs, i, found[key], kind, windows.shape[0],
-                                    device))
-    return LanguageStats(lang, kind, int(windows.shape[0]), out)
-
-
-def save_stats(stats: LanguageStats, path: Path) -> None:
-    """Write ``stats`` as one safetensors file (atomically: temp file, then rename)."""
-    from safetensors.torch import save_file
-
-    tensors = {f"{i}.{j}": g.tensor.detach().cpu().contiguous()
-               for i, layer in enumerate(stats.layers) for j, g in enumerate(layer)}
-    meta = {"format": STATS_FORMAT, "lang": stats.lang, "kind": stats.kind,
-            "n_windows": str(stats.n_windows),
-            "groups": json.dumps([[list(g.names) for g in layer] for layer in stats.layers])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:  # a full disk or an interrupt leaves no partial file (a cache miss is cheap)
-        tmp.unlink(missing_ok=True)
-
-
-def load_stats(path: Path, device: torch.device) -> LanguageStats | None:
-    """Read a file written by :func:`save_stats`; None if absent or unreadable."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata()
-            if meta.get("format") != STATS_FORMAT:
-                return None
-            layers = [[GroupStats(tuple(names), f.get_tensor(f"{i}.{j}").to(device))
-                       for j, names in enumerate(groups)]
-                      for i, groups in enumerate(json.loads(meta["groups"]))]
-    except Exception as e:  # a corrupt cache file is recomputed, never fatal
-        log.warning("ignoring unreadable statistics cache %s: %s", path, e)
-        return None
-    return LanguageStats(meta["lang"], meta["kind"], int(meta["n_windows"]), layers)
-
-
-@torch.no_grad()
-def prune_from_stats(model: nn.Module, stats: Mapping[str, LanguageStats],
-                     counts: Mapping[str, int], method: str, target: SparsityTarget, *,
-                     device: torch.device, offload: bool = False, blocksize: int = 128,
-                     percdamp: float = 0.01) -> float:
-    """Prune every decoder linear in place from the blend's combined statistics.
-
-    No forward pass: Wanda uses ``||X_j|| = sqrt(sum of x_j^2)``, SparseGPT the combined
-    Hessian ``2 X X^T / n`` (one factorisation per group, as the engine shares it).
-
-    Returns:
-        The achieved sparsity over all pruned linears.
-    """
-    from pipeline.pruners import factor_hessian, sparsegpt_prune_factored, wanda_prune
-
-    _, layers = models.find_decoder_layers(model)
-    any_lang = next(iter(stats.values()))
-    n_total = sum(counts.values())
-    pruned = total = 0
-    for i, layer in enumerate(layers):
-        with models.onloaded(layer, device, offload):
-            linears = models.find_linears(layer)
-            for j, group in enumerate(any_lang.layers[i]):
-                stat = combine_stats(stats, counts, i, j)
-                factor = (factor_hessian(stat * (2.0 / n_total), percdamp)
-                          if method == "sparsegpt" else None)
-                for name in group.names:
-                    w = linears[name].weight
-                    if factor is None:
-                        new, mask = wanda_prune(w.data, stat.sqrt(), target.sparsity, target.n,
-                                                target.m)
-                    else:
-                        res = sparsegpt_prune_factored(w.data, factor, target.sparsity,
-                                                       target.n, target.m, blocksize)
-                        new, mask = res.weight, res.mask
-                    w.data.copy_(new)
-                    pruned += int(mask.sum())
-                    total += mask.numel()
-    return pruned / max(total, 1)
-
-
 # ---- the search's shared state -----------------------------------------------------------------
 
 
@@ -539,7 +357,7 @@ class _Search:
 
     @property
     def sparsity_target(self) -> SparsityTarget:
-        return SparsityTarget.from_pattern(self.cfg.prune.sparsity, self.cfg.prune.pattern)
+        return target_from_config(self.cfg.prune)
 
     def eval_cfg(self, tokens: int) -> Config:
         """Target language only, ``tokens`` perplexity tokens, the objective's tasks."""
@@ -583,10 +401,11 @@ def safe_url(url: str) -> str:
 
 def _validate(cfg: Config) -> tuple[Objective, list[str], str]:
     """Everything checkable before the tracking store, the storage or the model."""
-    if cfg.prune.method not in STAT_KIND:
+    if not PRUNERS.get(cfg.prune.method).needs_calibration:
+        calibrated = [m for m in PRUNERS.names() if PRUNERS.get(m).needs_calibration]
         raise LangpruneError(
             f"method {cfg.prune.method} uses no calibration data, so every blend prunes the same; "
-            f"search with one of: {', '.join(STAT_KIND)}"
+            f"search with one of: {', '.join(calibrated)}"
         )
     name = default_study_name(cfg)
     if any(c in name for c in "'\"`\\"):
@@ -602,7 +421,7 @@ def _validate(cfg: Config) -> tuple[Objective, list[str], str]:
 def study_config(cfg: Config, pool: Sequence[str], objective: Objective) -> dict[str, str]:
     """The config a study's trials depend on; a resumed study must have the same."""
     flat = cfg.to_flat()
-    keys = _STUDY_KEYS + (_TASK_KEYS if objective.tasks else ())
+    keys = tagged(STUDY) + (tagged(STUDY_TASKS) if objective.tasks else ())
     return {**{k: flat[k] for k in keys}, "languages": ",".join(pool)}
 
 
@@ -864,9 +683,8 @@ def _fast_trial(ctx: _Search, point: BlendPoint) -> dict[str, float]:
     loaded, cfg = ctx.loaded, ctx.cfg
     t0 = time.perf_counter()
     sparsity = prune_from_stats(
-        loaded.model, ctx.stats, point.counts, cfg.prune.method, ctx.sparsity_target,
-        device=loaded.device, offload=cfg.model.offload,
-        blocksize=cfg.prune.sparsegpt_blocksize, percdamp=cfg.prune.sparsegpt_percdamp)
+        loaded.model, ctx.stats, point.counts, pruner_from_config(cfg.prune),
+        ctx.sparsity_target, device=loaded.device, offload=cfg.model.offload)
     prune_s = time.perf_counter() - t0
     report = stages.evaluate(ctx.eval_cfg(cfg.search.search_eval_tokens), loaded.model,
                              loaded.tokenizer, loaded.device, loaded.max_length, progress=False)
@@ -956,7 +774,8 @@ def _stats_path(ctx: _Search, lang: str, manifest: Mapping[str, Any], kind: str)
 def language_stats(ctx: _Search, progress: bool = True) -> dict[str, LanguageStats]:
     """Statistics of every pool language's ``n_samples`` windows (cached on disk)."""
     cfg, loaded = ctx.cfg, ctx.loaded
-    kind = STAT_KIND[cfg.prune.method]
+    pruner = pruner_from_config(cfg.prune)
+    kind = pruner.statistic.__name__ if pruner.statistic is not None else "none"
     out: dict[str, LanguageStats] = {}
     for lang in tqdm(ctx.pool, desc=f"{kind} statistics", disable=not progress):
         calib = stages.calibrate(cfg.replace(calib_lang=lang, calib_blend=""), loaded.tokenizer)
@@ -968,7 +787,7 @@ def language_stats(ctx: _Search, progress: bool = True) -> dict[str, LanguageSta
             continue
         t0 = time.perf_counter()
         out[lang] = collect_language_stats(
-            loaded.model, calib.windows, lang, kind, device=loaded.device,
+            loaded.model, calib.windows, lang, pruner, device=loaded.device,
             batch_size=cfg.prune.capture_batch_size, offload=cfg.model.offload)
         log.info("%s: statistics of %d windows in %.1f s", lang, calib.windows.shape[0],
                  time.perf_counter() - t0)
@@ -1145,9 +964,7 @@ def _base_tags_params(cfg: Config, name: str) -> tuple[dict[str, str], dict[str,
             OM.TAG_MODE: cfg.search.mode}
     tags[P.TAG_HASH] = "trial-" + cfg.config_hash()  # never taken for a reusable pruned run
     flat = cfg.to_flat()
-    keys = ("model", "method", "sparsity", "pattern", "n_samples", "seq_len", "calib_source",
-            "calib_set", "seed", "target_lang", "objective", "mode", "search_eval_tokens")
-    return tags, {k: flat[k] for k in keys}
+    return tags, {k: flat[k] for k in tagged(TRIAL)}
 
 
 def _parent_params(cfg: Config, name: str, pool: Sequence[str],

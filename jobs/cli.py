@@ -73,38 +73,38 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def _cmd_main(cfg: Config) -> None:
-    from pipeline.jobs import run_main
+    from jobs.main import run_main
 
     run_main(cfg)
 
 
 def _cmd_dense(cfg: Config) -> None:
-    from pipeline.jobs import preflight, run_dense
+    from jobs.main import preflight, run_dense
 
     preflight(cfg)
     run_dense(cfg)
 
 
 def _cmd_sweep(cfg: Config) -> None:
-    from pipeline.jobs import run_sweep
+    from jobs.sweep import run_sweep
 
     run_sweep(cfg)
 
 
 def _cmd_analyze(cfg: Config) -> None:
-    from pipeline.analyze import run_analyze
+    from jobs.analyze import run_analyze
 
     run_analyze(cfg)
 
 
 def _cmd_report(cfg: Config) -> None:
-    from tracking.report import run_report
+    from jobs.report import run_report
 
     run_report(cfg)
 
 
 def _cmd_search(cfg: Config) -> None:
-    from pipeline.search import run_search
+    from jobs.search import run_search
 
     run_search(cfg)
 

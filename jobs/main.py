@@ -1,4 +1,4 @@
-"""Entry-point jobs: the tracked ``main`` (prune + evaluate) and ``dense`` baseline runs.
+"""The tracked ``main`` (prune + evaluate) and ``dense`` baseline jobs.
 
 A job validates everything cheap first (config, tracking store, output folder, then
 :func:`check_inputs`: the model probed without its weights, every corpus and evaluation text
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from pipeline import stages
@@ -42,13 +41,11 @@ class JobResult:
 
 
 def numerics_tags(cfg: Config, device: Any) -> dict[str, str]:
-    """How SparseGPT's factor is computed on this device (same U up to float32 rounding):
-    ``products`` (CPU, :mod:`pipeline.pruners.linalg`) or ``lapack`` (the paper's sequence)."""
-    if cfg.prune.method != "sparsegpt":
-        return {}
-    from pipeline.pruners.sparsegpt import factor_method
+    """The numerical choices the configured method makes on ``device``, as tags (e.g.
+    ``langprune.sparsegpt_factor``: how SparseGPT computes chol(H^-1) there)."""
+    from pipeline.pruners import pruner_from_config
 
-    return {P.TAG_SPARSEGPT_FACTOR: factor_method(device)}
+    return {f"langprune.{k}": v for k, v in pruner_from_config(cfg.prune).numerics(device).items()}
 
 
 def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = True) -> str:
@@ -225,85 +222,3 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["memory.peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
-
-
-def calibration_frame(manifest: dict[str, Any]) -> pd.DataFrame:
-    """One row per calibration window (language, source, documents, token offset)."""
-    rows = manifest.get("windows", [])
-    return pd.DataFrame(rows) if rows else pd.DataFrame({"language": []})
-
-
-class DenseSnapshot:
-    """A CPU copy of every decoder-layer weight, to restore the dense model between prunes.
-
-    Sweeps and searches load the model once and prune it many times; restoring weights is
-    much cheaper than reloading (and exact: the copy is bit-identical).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from pipeline.models import decoder_layers
-
-        self._layers = decoder_layers(model)
-        self._state = [
-            {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
-            for layer in self._layers
-        ]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for layer, state in zip(self._layers, self._state):
-                layer.load_state_dict(state)
-
-
-def sweep_cells(cfg: Config) -> list[Config]:
-    """The grid: methods x calibration languages x calibration sets, in a stable order."""
-    from pipeline.config import split_list
-
-    return [
-        cfg.replace(method=m, calib_lang=lang, calib_blend="", calib_set=str(k))
-        for m in split_list(cfg.sweep.sweep_methods)
-        for lang in split_list(cfg.sweep.sweep_langs)
-        for k in range(cfg.sweep.sweep_sets)
-    ]
-
-
-def run_sweep(cfg: Config) -> str:
-    """Every grid cell as a tracked run under one parent run; finished cells are reused.
-
-    The parent records the member run ids (tag + ``sweep/members.json``), so reused runs
-    from earlier sweeps or single ``main`` runs count as members without being copied.
-    """
-    cells = sweep_cells(cfg)  # every cell is validated (config and corpus) before heavy work
-    exp_id = preflight(cfg, [cell.calib for cell in cells])
-    tags = P.run_tags(cfg, "sweep", "pending", "sweep")
-    tags[P.TAG_HASH] = "sweep-" + cfg.config_hash()
-    parent = R.attach_or_create(exp_id, f"sweep-{P.run_name(cfg, 'dense')[6:]}", tags)
-    with R.run_guard(parent):
-        parent.log_params({**P.to_mlflow_params(cfg, ("model", "eval", "sweep", "run")),
-                           "sweep.cells": str(len(cells))})
-        loaded = _load(cfg)
-        parent.set_tags({P.TAG_DEVICE: str(loaded.device)})
-        dense_id, _ = run_dense(cfg, loaded, entry_point="sweep")
-        snapshot = DenseSnapshot(loaded.model)
-        members: list[dict[str, str]] = []
-        for i, cell in enumerate(cells):
-            log.info("sweep cell %d/%d: %s", i + 1, len(cells), P.run_name(cell))
-            entry = {"method": cell.prune.method, "calib_lang": cell.calib.blend_label,
-                     "calib_set": str(cell.calib.calib_set)}
-            try:  # one failing cell must not lose an overnight sweep
-                res = run_main(cell, "sweep", parent_run_id=parent.run_id, loaded=loaded,
-                               check=False)
-                entry.update(run_id=res.run_id, reused=str(res.reused).lower(), status="ok")
-            except Exception as e:
-                log.error("sweep cell %s failed: %s", P.run_name(cell), e)
-                entry.update(run_id="", reused="false", status=f"failed: {e}"[:300])
-            finally:
-                snapshot.restore()
-            members.append(entry)
-        failed = [m for m in members if m["status"] != "ok"]
-        parent.log_json({"dense_run": dense_id, "members": members}, "sweep/members.json")
-        parent.set_tags({P.TAG_DENSE: dense_id, "langprune.members": str(len(members)),
-                         "langprune.failed_cells": str(len(failed))})
-        parent.finish(state="complete" if not failed else "incomplete")
-    print(f"sweep run {parent.run_id}: {len(members)} cells, dense {dense_id}")
-    return parent.run_id
