@@ -129,7 +129,9 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # The bounds are exactly 0 at k = 0 and 1 at k = n; rounding would miss them by 1e-16.
+    low = 0.0 if k == 0 else max(0.0, center - half)
+    return low, 1.0 if k == n else min(1.0, center + half)
 
 
 def accuracy_interval(correct: ArrayLike, z: float = Z95) -> Interval:
