@@ -42,11 +42,15 @@ def windows(n: int, seed: int = 1):
 # --- Wilson and informativeness ------------------------------------------------------------
 
 
-def test_wilson_matches_published_value():
-    # Newcombe (1998, single proportion), Wilson interval for 8/10 at z = 1.96: 0.4902-0.9433
-    low, high = wilson_interval(8, 10, z=1.96)
-    assert low == pytest.approx(0.4902, abs=5e-5)
-    assert high == pytest.approx(0.9433, abs=5e-5)
+@pytest.mark.parametrize(
+    "k, n, low, high",
+    [
+        (8, 10, 0.4902, 0.9433),  # the commonly tabulated 95% Wilson interval for 8/10
+        (81, 263, 0.2553, 0.3662),  # Newcombe (1998a) worked example, method 3 (Wilson)
+    ],
+)
+def test_wilson_matches_published_values(k, n, low, high):
+    assert wilson_interval(k, n, z=1.96) == pytest.approx((low, high), abs=5e-5)
 
 
 def test_wilson_zero_successes_by_hand():
