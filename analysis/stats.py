@@ -3,17 +3,11 @@
 The rule (SCIENCE.md, "Uncertainty and comparisons"): a score carries an interval; two runs are
 compared on the same documents or windows; a difference the data cannot resolve is
 "indistinguishable"; a task on which the model is at chance is "uninformative". Methods and
-defaults are explained in docs/statistics.md.
-
-- Accuracy: Wilson score interval (Wilson 1927).
-- Perplexity and bits per byte: percentile bootstrap over evaluation windows
-  (Efron & Tibshirani 1993), the statistic being the pooled ratio sum(nll) / sum(tokens).
-- Paired accuracy: Newcombe's square-and-add interval for paired proportions (Newcombe 1998,
-  method 10) plus the exact McNemar test (McNemar 1947) on the discordant pairs.
-- Paired perplexity: ratio ppl_a / ppl_b, paired bootstrap (same window indices for a and b).
-- Calibration sets x documents: two-level bootstrap, sets and documents resampled independently.
-
-Pure numpy/scipy/pandas; every random draw comes from an explicitly seeded Generator.
+defaults are explained in docs/statistics.md: Wilson intervals for accuracies, percentile
+bootstraps over windows for perplexity and bits per byte, Newcombe's paired interval with exact
+McNemar for paired accuracies, a paired bootstrap for perplexity ratios, and a two-level
+bootstrap over calibration sets x documents. Pure numpy/scipy/pandas; every random draw comes
+from an explicitly seeded Generator.
 """
 
 from __future__ import annotations
@@ -140,9 +134,6 @@ def accuracy_interval(correct: ArrayLike, z: float = Z95) -> Interval:
     Args:
         correct: One boolean (or 0/1) outcome per document.
         z: Two-sided normal quantile.
-
-    Returns:
-        The accuracy as an :class:`Interval` (method "wilson").
     """
     c = _as_binary(correct, "correct")
     low, high = wilson_interval(int(c.sum()), c.size, z)
@@ -157,8 +148,7 @@ def is_informative(k: int, n: int, chance: float, z: float = Z95) -> bool:
     makes the task uninformative for this model (SCIENCE.md): no claim is drawn from it.
 
     Args:
-        k: Correct documents.
-        n: Documents.
+        k, n: Correct documents and documents.
         chance: Accuracy of guessing, e.g. 0.25 for four choices.
         z: Two-sided normal quantile.
 
@@ -175,8 +165,7 @@ def classify(low: float, high: float, *, higher_is_better: bool, null: float = 0
     "indistinguishable"; otherwise a is "better" if it lies on the good side of ``null``.
 
     Args:
-        low: Lower bound of the difference or ratio.
-        high: Upper bound.
+        low, high: Bounds of the difference or ratio.
         higher_is_better: True for accuracy-like scores, False for perplexity-like ones.
         null: The no-difference value.
 
@@ -207,9 +196,7 @@ def perplexity_interval(
     Args:
         nll_sum: Summed next-token NLL (nats) of each evaluation window.
         n_tokens: Predicted tokens of each window.
-        resamples: Bootstrap resamples.
-        seed: Seed or Generator for the resampling.
-        confidence: Confidence level.
+        resamples, seed, confidence: Bootstrap resamples, seed or Generator, level.
 
     Returns:
         The perplexity as an :class:`Interval` (method "bootstrap-windows").
@@ -230,9 +217,7 @@ def bits_per_byte_interval(
     Args:
         nll_sum: Summed NLL (nats) of each window (or sentence).
         n_bytes: UTF-8 bytes of the text each window covers.
-        resamples: Bootstrap resamples.
-        seed: Seed or Generator for the resampling.
-        confidence: Confidence level.
+        resamples, seed, confidence: Bootstrap resamples, seed or Generator, level.
 
     Returns:
         Bits per byte as an :class:`Interval` (method "bootstrap-windows").
@@ -246,12 +231,11 @@ def paired_accuracy(
     """Compare two runs' accuracies on the same documents (aligned element by element).
 
     The interval of acc_a - acc_b is Newcombe's square-and-add interval for paired
-    proportions (Newcombe 1998, method 10): Wilson intervals of both accuracies combined with
-    the estimated correlation of the paired outcomes. It is closed-form, consistent with the
-    Wilson intervals reported for each accuracy, and keeps its coverage when discordant pairs
-    are few, where a bootstrap over documents collapses (no discordant pair gives a zero-width
-    interval) and over-claims. McNemar's exact test (McNemar 1947) on the discordant pairs is
-    reported alongside; the verdict follows the interval.
+    proportions (Newcombe 1998, method 10): both Wilson intervals combined with the estimated
+    correlation of the paired outcomes. Chosen over a bootstrap over documents: closed-form,
+    consistent with the per-run Wilson intervals, and it does not collapse when discordant
+    pairs are few (with none, a bootstrap interval has width 0 and over-claims). McNemar's
+    exact test (McNemar 1947) is reported alongside; the verdict follows the interval.
 
     Args:
         correct_a: Per-document outcomes of run a.
@@ -300,9 +284,7 @@ def paired_perplexity(
         nll_a: Summed NLL (nats) per window for run a.
         nll_b: Summed NLL per window for run b, same windows in the same order.
         n_tokens: Predicted tokens per window (same tokenizer for both runs).
-        resamples: Bootstrap resamples.
-        seed: Seed or Generator for the resampling.
-        confidence: Confidence level.
+        resamples, seed, confidence: Bootstrap resamples, seed or Generator, level.
 
     Returns:
         A :class:`PairedPerplexity`; its ratio's verdict is said of a (lower is better).
@@ -347,9 +329,9 @@ def cluster_paired_bootstrap(
     seed; for unrelated sets this pairing changes nothing in expectation).
 
     Assumption: sets and documents are crossed, exchangeable draws from their populations
-    (calibration sets of a language; evaluation documents), so the difference varies by set,
-    by document and by their interaction. The interval is then slightly conservative. With the
-    usual 3 sets, the set level has only 10 distinct resamples: treat its width as rough.
+    (calibration sets of a language; evaluation documents). The interval is conservative: the
+    set x document interaction is counted at both levels (up to ~sqrt(3) too wide when it
+    dominates). With 3 sets the set level has only 10 distinct resamples: its width is rough.
 
     Args:
         scores_a: Matrix [sets, documents] for configuration a.
@@ -357,9 +339,7 @@ def cluster_paired_bootstrap(
         higher_is_better: Direction of the score.
         resample_sets: False resamples documents only (the one-level paired bootstrap of the
             set-averaged difference), which ignores set-to-set variation.
-        resamples: Bootstrap resamples.
-        seed: Seed or Generator for the resampling.
-        confidence: Confidence level.
+        resamples, seed, confidence: Bootstrap resamples, seed or Generator, level.
 
     Returns:
         A :class:`Comparison` of mean(a - b) with ``n_sets`` set.
@@ -379,7 +359,7 @@ def cluster_paired_bootstrap(
         ws = np.ones((len(wd), k))
         if resample_sets:
             ws = rng.multinomial(k, np.full(k, 1 / k), size=len(wd)).astype(float)
-        boot.append(np.einsum("bs,sd,bd->b", ws / k, diff, wd / m))
+        boot.append((((ws / k) @ diff) * (wd / m)).sum(axis=1))
     ival = _interval(float(diff.mean()), np.concatenate(boot), confidence, m)
     method = "bootstrap-sets-docs" if resample_sets else "bootstrap-docs"
     return replace(_comparison(ival, 0.0, higher_is_better, method), n_sets=k)
@@ -453,10 +433,10 @@ def headline(verdicts: Sequence[str], subject: str = "target-language calibratio
         raise LangpruneError(f"unknown verdicts {sorted(unknown)}; expected {VERDICTS}")
     total = sum(counts[v] for v in VERDICTS)
     parts = ", ".join(f"{v} in {counts[v]}" for v in VERDICTS)
-    text = f"{subject} is {parts} of {total} {_cases(total)}"
-    if counts[UNINFORMATIVE]:
-        n = counts[UNINFORMATIVE]
-        text += f"; {n} uninformative {_cases(n)} not counted"
+    text = f"{subject} is {parts} of {total} case" + ("" if total == 1 else "s")
+    n = counts[UNINFORMATIVE]
+    if n:
+        text += f"; {n} uninformative case{'' if n == 1 else 's'} not counted"
     return text
 
 
@@ -467,13 +447,8 @@ def fmt_interval(value: float, low: float, high: float, digits: int = 2) -> str:
     and a half-width would misstate one side.
 
     Args:
-        value: Point estimate.
-        low: Lower bound.
-        high: Upper bound.
+        value, low, high: Point estimate and bounds.
         digits: Decimals for all three numbers.
-
-    Returns:
-        The formatted string.
     """
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
@@ -483,10 +458,6 @@ def fmt_interval(value: float, low: float, high: float, digits: int = 2) -> str:
 
 def _nats_to_bits(x: np.ndarray) -> np.ndarray:
     return x / math.log(2)
-
-
-def _cases(n: int) -> str:
-    return "case" if n == 1 else "cases"
 
 
 def _z(confidence: float) -> float:
