@@ -31,7 +31,7 @@ DEFAULT_MODEL = "gemma-3-270m"
 REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")  # == pipeline.data.languages.REQUIRED (tested)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
-METHODS = ("magnitude", "wanda", "sparsegpt")  # kept in sync with PRUNERS by a contract test
+METHODS = ("magnitude", "wanda", "sparsegpt", "ria")  # kept in sync with PRUNERS by a contract test
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
