@@ -7,6 +7,7 @@ Use as a library (pure per-matrix functions; mask is bool, True = pruned)::
     w2, mask = ria_prune(weight, col_norms, sparsity=0.5, a=0.5)     # relative importance
     w2, mask = magnitude_prune(weight, sparsity=0.5, n=2, m=4)       # 2:4
     res = sparsegpt_prune(weight, hessian, sparsity=0.5)             # res.weight, res.mask
+    per_layer = owl_sparsities(layer_scores, sparsity=0.7)           # OWL: one per layer
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.pruners.base import (
     check_target,
 )
 from pipeline.pruners.magnitude import MagnitudePruner, magnitude_prune
+from pipeline.pruners.owl import outlier_ratio, owl_sparsities
 from pipeline.pruners.ria import RIAPruner, ria_prune
 from pipeline.pruners.sparsegpt import (
     HessianFactor,
@@ -72,6 +74,8 @@ __all__ = [
     "factor_hessian",
     "magnitude_prune",
     "make_pruner",
+    "outlier_ratio",
+    "owl_sparsities",
     "ria_prune",
     "sparsegpt_prune",
     "sparsegpt_prune_factored",
