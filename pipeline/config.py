@@ -164,6 +164,7 @@ class PruneCfg:
     true_sequential: bool = False  # re-run between attention and MLP groups
     sparsegpt_blocksize: int = 128  # columns per OBS block (SparseGPT paper)
     sparsegpt_percdamp: float = 0.01  # damping as a fraction of mean(diag H)
+    ria_alpha: float = 0.5  # RIA exponent a of ||X_j||_2 (paper default); 0 = RI alone
     capture_batch_size: int = 8  # calibration windows per forward pass
 
     def __post_init__(self) -> None:
@@ -186,6 +187,8 @@ class PruneCfg:
             raise LangpruneError("sparsegpt_blocksize must be >= 1")
         if not (math.isfinite(self.sparsegpt_percdamp) and self.sparsegpt_percdamp > 0):
             raise LangpruneError("sparsegpt_percdamp must be > 0")
+        if not (math.isfinite(self.ria_alpha) and self.ria_alpha >= 0):
+            raise LangpruneError(f"ria_alpha must be a finite number >= 0, got {self.ria_alpha}")
         if self.capture_batch_size < 1:
             raise LangpruneError("capture_batch_size must be >= 1")
 

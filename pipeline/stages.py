@@ -72,16 +72,19 @@ def prune(
 ):
     """Prune ``model`` in place, layer by layer; returns the engine's PruneResult."""
     from pipeline.capture import prune_layerwise
-    from pipeline.pruners import SparsityTarget
+    from pipeline.pruners import SparsityTarget, make_pruner
 
     p = cfg.prune
     n, m = parse_nm(p.pattern)
     target = SparsityTarget(sparsity=p.sparsity, n=n, m=m)
+    # Every method option goes to every method; each pruner reads only its own.
+    pruner = make_pruner(p.method, sparsegpt_blocksize=p.sparsegpt_blocksize,
+                         sparsegpt_percdamp=p.sparsegpt_percdamp, ria_alpha=p.ria_alpha)
     t0 = time.perf_counter()
     result = prune_layerwise(
         model,
         windows,
-        p.method,
+        pruner,
         target,
         device=device,
         offload=cfg.model.offload,
@@ -89,8 +92,6 @@ def prune(
         batch_size=p.capture_batch_size,
         on_layer_done=on_layer_done,
         progress=progress,
-        sparsegpt_blocksize=p.sparsegpt_blocksize,
-        sparsegpt_percdamp=p.sparsegpt_percdamp,
     )
     log.info("pruned with %s in %.1f s", p.method, time.perf_counter() - t0)
     return result

@@ -7,6 +7,9 @@ import math
 import pytest
 import torch
 
+from pipeline import stages
+from pipeline.capture import prune_layerwise
+from pipeline.config import Config
 from pipeline.errors import LangpruneError
 from pipeline.pruners import (
     PRUNERS,
@@ -21,6 +24,7 @@ from pipeline.pruners import (
 )
 from pipeline.pruners.masks import lowest_per_row
 from pipeline.pruners.ria import ria_scores
+from tests.tiny import tiny_model, tiny_windows
 
 CPU = torch.device("cpu")
 
@@ -210,3 +214,32 @@ def test_pruner_through_the_registry_equals_the_pure_function():
 def test_bad_alpha_option_is_a_clear_error(bad):
     with pytest.raises(LangpruneError, match="ria_alpha"):
         make_pruner("ria", ria_alpha=bad)
+
+
+# ---- config and stage wiring ------------------------------------------------------------------
+
+
+def test_ria_alpha_config_key_is_validated_in_one_line():
+    assert Config().prune.ria_alpha == 0.5
+    assert Config.from_overrides({"method": "ria", "ria_alpha": "0"}).prune.ria_alpha == 0.0
+    for bad in ("-0.1", "nan", "inf"):
+        with pytest.raises(LangpruneError, match="ria_alpha must be a finite number >= 0") as e:
+            Config.from_overrides({"ria_alpha": bad})
+        assert "\n" not in str(e.value)
+
+
+def test_prune_stage_passes_ria_alpha_to_the_pruner():
+    windows = tiny_windows(4)
+    weights = {}
+    for alpha in ("0", "0.5"):
+        cfg = Config.from_overrides({"method": "ria", "ria_alpha": alpha, "device": "cpu",
+                                     "capture_batch_size": "2"})
+        model = tiny_model("llama")
+        result = stages.prune(cfg, model, windows, CPU, progress=False)
+        assert result.method == "ria"
+        weights[alpha] = model.model.layers[1].mlp.up_proj.weight.detach().clone()
+        ref = tiny_model("llama")
+        prune_layerwise(ref, windows, RIAPruner(float(alpha)), SparsityTarget(0.5), device=CPU,
+                        batch_size=2, progress=False)
+        assert torch.equal(weights[alpha], ref.model.layers[1].mlp.up_proj.weight)
+    assert not torch.equal(weights["0"], weights["0.5"])  # the option really arrives
