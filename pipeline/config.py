@@ -197,6 +197,7 @@ class PruneCfg:
     sparsegpt_blocksize: int = _f(128, STUDY)  # columns per OBS block (SparseGPT paper)
     sparsegpt_percdamp: float = _f(0.01, STUDY)  # damping as a fraction of mean(diag H)
     sparsegpt_factor: str = _f("auto")  # chol(H^-1): auto | products | lapack (paper's sequence)
+    ria_alpha: float = _f(0.5, STUDY)  # RIA exponent a of ||X_j||_2 (paper default); 0 = RI alone
     capture_batch_size: int = _f(8)  # calibration windows per forward pass
 
     def __post_init__(self) -> None:
@@ -212,6 +213,8 @@ class PruneCfg:
         if self.sparsegpt_factor not in ("auto", "products", "lapack"):
             raise LangpruneError(f"sparsegpt_factor must be auto, products or lapack, got "
                                  f"{self.sparsegpt_factor!r}")
+        if not (math.isfinite(self.ria_alpha) and self.ria_alpha >= 0):
+            raise LangpruneError(f"ria_alpha must be a finite number >= 0, got {self.ria_alpha}")
         if self.capture_batch_size < 1:
             raise LangpruneError("capture_batch_size must be >= 1")
 

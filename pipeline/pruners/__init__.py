@@ -2,10 +2,12 @@
 
 Use as a library (pure per-matrix functions; mask is bool, True = pruned)::
 
-    from pipeline.pruners import magnitude_prune, wanda_prune, sparsegpt_prune
+    from pipeline.pruners import magnitude_prune, ria_prune, wanda_prune, sparsegpt_prune
     w2, mask = wanda_prune(weight, col_norms, sparsity=0.5)          # col_norms = ||X_j||_2
+    w2, mask = ria_prune(weight, col_norms, sparsity=0.5, a=0.5)     # relative importance
     w2, mask = magnitude_prune(weight, sparsity=0.5, n=2, m=4)       # 2:4
     res = sparsegpt_prune(weight, hessian, sparsity=0.5)             # res.weight, res.mask
+    per_layer = owl_sparsities(layer_scores, sparsity=0.7)           # OWL: one per layer
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pipeline.pruners.base import (
     check_target,
 )
 from pipeline.pruners.magnitude import MagnitudePruner, magnitude_prune
+from pipeline.pruners.owl import outlier_ratio, owl_sparsities
+from pipeline.pruners.ria import RIAPruner, ria_prune
 from pipeline.pruners.sparsegpt import (
     HessianFactor,
     SparseGPTPruner,
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 
 def _build_registry() -> Registry[type[LayerPruner]]:
     registry: Registry[type[LayerPruner]] = Registry("pruning method")
-    for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner):
+    for cls in (MagnitudePruner, WandaPruner, SparseGPTPruner, RIAPruner):
         registry.add(cls.name, cls)
     return registry
 
@@ -85,6 +89,7 @@ __all__ = [
     "LayerPruner",
     "MagnitudePruner",
     "PruneOutcome",
+    "RIAPruner",
     "SparseGPTPruner",
     "SparseGPTResult",
     "SparsityTarget",
@@ -96,6 +101,9 @@ __all__ = [
     "make_pruner",
     "pruner_from_config",
     "target_from_config",
+    "outlier_ratio",
+    "owl_sparsities",
+    "ria_prune",
     "sparsegpt_prune",
     "sparsegpt_prune_factored",
     "wanda_prune",

@@ -417,7 +417,7 @@ def test_blocked_symmetric_hessian_equals_the_full_product(d):
 
 def test_registry_lists_known_methods_on_unknown_name():
     assert PRUNERS.names() == sorted(METHODS)
-    with pytest.raises(LangpruneError, match="known: magnitude, sparsegpt, wanda"):
+    with pytest.raises(LangpruneError, match="known: magnitude, ria, sparsegpt, wanda"):
         make_pruner("wandaa")
     sg = make_pruner("sparsegpt", sparsegpt_blocksize=64, sparsegpt_percdamp=0.05)
     assert (sg.blocksize, sg.percdamp) == (64, 0.05)
