@@ -74,7 +74,7 @@ def best_cells(matrix: pd.DataFrame, better: str = "min") -> dict[str, str]:
 
 def _annotate(ax: Axes, image: AxesImage, values: np.ndarray, fmt: str) -> None:
     """Write each cell's value, white on dark cells and black on light ones."""
-    rgba = image.cmap(image.norm(image.get_array()))
+    rgba = np.asarray(image.cmap(image.norm(np.asarray(image.get_array()))))
     for (i, j), value in np.ndenumerate(values):
         text = "–" if math.isnan(value) else format(value, fmt)
         r, g, b = rgba[i, j, :3]
@@ -336,7 +336,7 @@ def lape_histograms(
     pooled = np.concatenate([dense_v, *pruned_v.values()])
     if pooled.size == 0:
         raise LangpruneError("no finite LAPE scores to plot")
-    edges = np.histogram_bin_edges(pooled, bins=bins)
+    edges = np.histogram_bin_edges(pooled, bins=bins).tolist()
     with _figure(6.0, 3.6) as fig:
         ax = fig.subplots()
         ax.hist(dense_v, bins=edges, color="0.75", label="dense")

@@ -70,7 +70,8 @@ def _prefer_decoder(
     model: nn.Module, found: list[tuple[str, nn.ModuleList]]
 ) -> tuple[str, nn.ModuleList]:
     """Among candidate lists, prefer those inside ``model.get_decoder()``, then the longest."""
-    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
     inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else set()
     # max() keeps the first of equal keys, so the result is deterministic.
     return max(found, key=lambda nm: (id(nm[1]) in inside, len(nm[1])))

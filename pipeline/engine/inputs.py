@@ -79,7 +79,7 @@ def check_windows(windows: Tensor, batch_size: int) -> None:
 
 @contextmanager
 def _swapped_forwards(
-    layers: Sequence[nn.Module], make_forward: Callable[[int], Callable[..., Any]]
+    layers: Sequence[nn.Module] | nn.ModuleList, make_forward: Callable[[int], Callable[..., Any]]
 ) -> Iterator[None]:
     """Temporarily replace each layer's ``forward`` (an instance attribute shadows the class's).
 
