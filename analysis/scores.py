@@ -1,0 +1,109 @@
+"""Scores with their uncertainty, from per-document and per-window records of one run.
+
+Turns the evaluation's records into the metrics every run logs next to its scores
+(docs/statistics.md): per ``<task>.<lang>`` the Wilson 95% interval of the accuracy
+(``.ci95_low``, ``.ci95_high``), the number of documents (``.n``) and the chance level
+(``.chance``, the mean of 1 / number of choices); per ``ppl.<lang>`` a percentile bootstrap
+interval over the perplexity windows. Also the console summary table of a run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from analysis.stats import fmt_interval, is_informative, perplexity_interval, wilson_interval
+
+#: Columns of the per-window perplexity records this module reads.
+WINDOW_COLUMNS = ("lang", "window", "nll_sum", "n_tokens", "n_bytes")
+
+
+def score_key(task: str, lang: str | None) -> str:
+    """The metric a task's accuracy is logged under: ``sib200.sw``, or ``arc_easy.acc``."""
+    return f"{task}.{lang}" if lang else f"{task}.acc"
+
+
+def task_interval_metrics(records: pd.DataFrame) -> dict[str, float]:
+    """``<key>.ci95_low/.ci95_high/.n/.chance`` for every (task, lang) of the records."""
+    out: dict[str, float] = {}
+    if records is None or records.empty:
+        return out
+    langs = records["lang"].fillna("")
+    for (task, lang), group in records.groupby([records["task"], langs], sort=True):
+        key = score_key(str(task), str(lang) or None)
+        k, n = int(group["correct"].sum()), len(group)
+        low, high = wilson_interval(k, n)
+        out[f"{key}.ci95_low"] = low
+        out[f"{key}.ci95_high"] = high
+        out[f"{key}.n"] = float(n)
+        out[f"{key}.chance"] = float((1.0 / group["n_choices"]).mean())
+    return out
+
+
+def informative_tasks(records: pd.DataFrame) -> dict[str, bool]:
+    """Per score key: whether the accuracy's interval excludes the chance level."""
+    out: dict[str, bool] = {}
+    langs = records["lang"].fillna("")
+    for (task, lang), group in records.groupby([records["task"], langs], sort=True):
+        chance = float((1.0 / group["n_choices"]).mean())
+        out[score_key(str(task), str(lang) or None)] = is_informative(
+            int(group["correct"].sum()), len(group), chance)
+    return out
+
+
+def ppl_interval_metrics(windows: pd.DataFrame, seed: int = 0) -> dict[str, float]:
+    """``ppl.<lang>.ci95_low/high`` from a bootstrap over each language's windows."""
+    out: dict[str, float] = {}
+    if windows is None or windows.empty:
+        return out
+    for lang, group in windows.groupby("lang", sort=True):
+        if len(group) < 2:  # one window: no spread to resample
+            continue
+        ival = perplexity_interval(group["nll_sum"].to_numpy(), group["n_tokens"].to_numpy(),
+                                   seed=seed)
+        out[f"ppl.{lang}.ci95_low"] = ival.low
+        out[f"ppl.{lang}.ci95_high"] = ival.high
+    return out
+
+
+def _cell(metrics: Mapping[str, float], key: str, digits: int) -> str:
+    if key not in metrics:
+        return "-"
+    low, high = metrics.get(f"{key}.ci95_low"), metrics.get(f"{key}.ci95_high")
+    if low is None or high is None or math.isnan(low):
+        return f"{metrics[key]:.{digits}f}"
+    return fmt_interval(metrics[key], low, high, digits)
+
+
+def summary_table(metrics: Mapping[str, float], langs: list[str], tasks: list[str],
+                  dense: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """One row per evaluation language: dense and pruned perplexity (with intervals), their
+    ratio, and each task's accuracy with its interval (``task*``: at chance, uninformative).
+    """
+    rows = []
+    for lang in langs:
+        row: dict[str, str] = {"lang": lang}
+        if dense is not None:
+            row["ppl dense"] = _cell(dense, f"ppl.{lang}", 1)
+        row["ppl"] = _cell(metrics, f"ppl.{lang}", 1)
+        if dense is not None and f"ppl.{lang}" in dense and f"ppl.{lang}" in metrics:
+            row["ratio"] = f"{metrics[f'ppl.{lang}'] / dense[f'ppl.{lang}']:.2f}"
+        for task in tasks:
+            key = f"{task}.{lang}"
+            cell = _cell(metrics, key, 2)
+            chance, n = metrics.get(f"{key}.chance"), metrics.get(f"{key}.n")
+            if chance is not None and n and not is_informative(
+                    round(metrics[key] * n), int(n), chance):
+                cell += "*"
+            row[task] = cell
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def render_summary(table: pd.DataFrame) -> str:
+    """The table as aligned plain text (the console summary; no colour codes in logs)."""
+    if table.empty:
+        return ""
+    return table.to_string(index=False)

@@ -1,0 +1,55 @@
+"""Intervals from per-document and per-window records (analysis/scores.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import scores
+from analysis.stats import wilson_interval
+
+
+def _records(task: str, lang: str, correct: list[bool], n_choices: int) -> pd.DataFrame:
+    return pd.DataFrame({"task": task, "lang": lang, "doc_id": [str(i) for i in range(len(correct))],
+                         "gold": 0, "pred": [0 if c else 1 for c in correct],
+                         "correct": correct, "loglik": [[0.0] * n_choices] * len(correct),
+                         "n_choices": n_choices})
+
+
+def test_task_interval_metrics_are_wilson_per_task_and_language():
+    recs = pd.concat([_records("sib200", "sw", [True] * 8 + [False] * 2, 7),
+                      _records("xnli", "sw", [True, False, False], 3)])
+    m = scores.task_interval_metrics(recs)
+    low, high = wilson_interval(8, 10)
+    assert m["sib200.sw.ci95_low"] == pytest.approx(low)
+    assert m["sib200.sw.ci95_high"] == pytest.approx(high)
+    assert (m["sib200.sw.n"], m["xnli.sw.n"]) == (10.0, 3.0)
+    assert m["sib200.sw.chance"] == pytest.approx(1 / 7)
+    assert m["xnli.sw.chance"] == pytest.approx(1 / 3)
+
+
+def test_a_task_at_chance_is_flagged_uninformative_in_the_summary():
+    recs = pd.concat([_records("sib200", "sw", [True] * 40 + [False] * 10, 7),
+                      _records("belebele", "sw", [True] * 13 + [False] * 37, 4)])
+    m = {"sib200.sw": 0.8, "belebele.sw": 0.26, "ppl.sw": 50.0,
+         **scores.task_interval_metrics(recs)}
+    assert scores.informative_tasks(recs) == {"belebele.sw": False, "sib200.sw": True}
+    table = scores.summary_table(m, ["sw"], ["sib200", "belebele"], dense={"ppl.sw": 25.0})
+    row = table.iloc[0]
+    assert row["belebele"].endswith("*") and not row["sib200"].endswith("*")
+    assert row["ratio"] == "2.00"
+    assert row["sib200"].startswith("0.80 [")
+    assert "belebele" in scores.render_summary(table)
+
+
+def test_ppl_intervals_bracket_the_pooled_perplexity():
+    rng = np.random.default_rng(0)
+    nll = rng.uniform(300, 500, size=40)
+    windows = pd.DataFrame({"lang": "zh", "window": range(40), "nll_sum": nll,
+                            "n_tokens": 100, "n_bytes": 300})
+    m = scores.ppl_interval_metrics(windows)
+    ppl = float(np.exp(nll.sum() / 4000))
+    assert m["ppl.zh.ci95_low"] < ppl < m["ppl.zh.ci95_high"]
+    # one window has no spread to resample: no interval is claimed
+    assert scores.ppl_interval_metrics(windows.iloc[:1]) == {}
