@@ -31,6 +31,7 @@ DEFAULT_MODEL = "gemma-3-270m"
 REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")  # == pipeline.data.languages.REQUIRED (tested)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_SPARSITIES = ("uniform", "owl")
 # Field tags (declared once, on the fields; every key list below is derived from them):
 EXEC = "exec"  # how a run is executed, not what it computes: not in the config hash
 DENSE = "dense"  # the dense baseline depends on it (its hash, dense_identity)
@@ -192,6 +193,9 @@ class PruneCfg:
     sparsity: float = _f(0.5, STUDY, TRIAL)  # fraction of weights pruned per matrix (unstructured)
     pattern: str = _f("unstructured", STUDY, TRIAL)  # or N:M, e.g. 2:4
     true_sequential: bool = _f(False, STUDY)  # re-run between attention and MLP groups
+    layer_sparsity: str = _f("uniform", STUDY)  # uniform | owl (OWL outlier-weighted, per layer)
+    owl_m: float = _f(5.0, STUDY)  # OWL outlier threshold M (multiples of the layer mean score)
+    owl_lambda: float = _f(0.08, STUDY)  # OWL spread: ratios scaled to [0, 2*lambda]
     # Method options: fields named <method>_<option> go to that method's pruner, nowhere else
     # (method_options; pipeline.pruners.pruner_from_config).
     sparsegpt_blocksize: int = _f(128, STUDY)  # columns per OBS block (SparseGPT paper)
@@ -217,6 +221,23 @@ class PruneCfg:
             raise LangpruneError(f"ria_alpha must be a finite number >= 0, got {self.ria_alpha}")
         if self.capture_batch_size < 1:
             raise LangpruneError("capture_batch_size must be >= 1")
+        self._check_layer_sparsity(n, m)
+
+    def _check_layer_sparsity(self, n: int, m: int) -> None:
+        if self.layer_sparsity not in LAYER_SPARSITIES:
+            raise LangpruneError(
+                f"unknown layer_sparsity {self.layer_sparsity!r}; known: "
+                f"{', '.join(LAYER_SPARSITIES)}{suggest(self.layer_sparsity, LAYER_SPARSITIES)}"
+            )
+        if self.layer_sparsity == "owl":
+            from pipeline.pruners.owl import check_owl
+
+            if m:
+                raise LangpruneError(
+                    f"layer_sparsity=owl varies the sparsity per layer, which an N:M pattern "
+                    f"({self.pattern}) fixes; use pattern=unstructured or layer_sparsity=uniform"
+                )
+            check_owl(self.sparsity, self.owl_m, self.owl_lambda)
 
     def method_options(self) -> dict[str, Any]:
         """Every ``<method>_<option>`` field, by its full name (what ``from_options`` reads)."""

@@ -128,8 +128,12 @@ def sparsity_tables(result: Any) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, 
     even when empty; ``loss`` is NaN for methods without one.
     """
     records = list(getattr(result, "records", result))
+    layers = pd.DataFrame(layer_rows(records), columns=list(LAYER_COLUMNS))
+    targets = list(getattr(result, "layer_targets", []) or [])
+    if targets and len(layers) == len(targets):  # the sparsity each layer was asked for
+        layers["target"] = [targets[int(i)] for i in layers["layer"]]
     return (
         pd.DataFrame(module_rows(records), columns=list(MODULE_COLUMNS)),
-        pd.DataFrame(layer_rows(records), columns=list(LAYER_COLUMNS)),
+        layers,
         overall(records),
     )

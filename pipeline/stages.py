@@ -76,6 +76,14 @@ def prune(
 
     p = cfg.prune
     t0 = time.perf_counter()
+    layer_sparsities = None
+    if p.layer_sparsity == "owl":
+        from pipeline.engine.owl import owl_layer_sparsities
+
+        layer_sparsities = owl_layer_sparsities(
+            model, windows, p.sparsity, m=p.owl_m, lam=p.owl_lambda, device=device,
+            batch_size=p.capture_batch_size, offload=cfg.model.offload, progress=progress)
+        log.info("OWL layer sparsities: %s", ", ".join(f"{s:.3f}" for s in layer_sparsities))
     result = prune_layerwise(
         model,
         windows,
@@ -87,6 +95,7 @@ def prune(
         batch_size=p.capture_batch_size,
         on_layer_done=on_layer_done,
         progress=progress,
+        layer_sparsities=layer_sparsities,
     )
     log.info("pruned with %s in %.1f s", p.method, time.perf_counter() - t0)
     return result

@@ -70,6 +70,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     n_statistics: int = 0
     share_statistics: bool = True
+    layer_targets: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _Run:
     # weights, so identical layers (all of Llama's, Gemma 3's sliding and global) share one
     # discovery forward.
     groups: dict[tuple[Any, ...], list[InputGroup]] = field(default_factory=dict)
+    layer_targets: list[SparsityTarget] = field(default_factory=list)
 
     def tick(self, key: str, since: float) -> float:
         _sync(self.device)
@@ -224,6 +226,19 @@ def _prune_calibrated_layer(
     return records
 
 
+def _layer_targets(target: SparsityTarget, sparsities: Sequence[float] | None,
+                   n_layers: int) -> list[SparsityTarget]:
+    """One target per decoder layer: ``target`` everywhere, or the given sparsities."""
+    if sparsities is None:
+        return [target] * n_layers
+    if target.m:
+        raise LangpruneError(f"per-layer sparsities need an unstructured target, not "
+                             f"{target.describe()}")
+    if len(sparsities) != n_layers:
+        raise LangpruneError(f"{len(sparsities)} layer sparsities given for {n_layers} layers")
+    return [SparsityTarget(float(s)) for s in sparsities]
+
+
 def _make_run(
     pruner: LayerPruner, target: SparsityTarget, device: torch.device | str, share: bool,
     progress: bool,
@@ -250,6 +265,7 @@ def prune_layerwise(
     on_layer_done: LayerDoneCallback | None = None,
     progress: bool = True,
     share_statistics: bool = True,
+    layer_sparsities: Sequence[float] | None = None,
 ) -> PruneResult:
     """Prune every ``nn.Linear`` of every decoder layer of ``model`` in place, layer by layer.
 
@@ -274,12 +290,17 @@ def prune_layerwise(
         progress: Show progress bars.
         share_statistics: One statistic per group of linears reading the same input (off only
             to measure its benefit).
+        layer_sparsities: One unstructured sparsity per decoder layer (e.g. OWL's,
+            :mod:`pipeline.engine.owl`) instead of ``target``'s everywhere.
 
     Returns:
         A :class:`PruneResult` with packed masks and the sparsity report rows.
     """
     t0 = time.perf_counter()
     run = _make_run(pruner, target, device, share_statistics, progress)
+    n_layers = len(models.find_decoder_layers(model)[1])
+    run.layer_targets = _layer_targets(target, layer_sparsities, n_layers)
+    run.result.layer_targets = [t.sparsity for t in run.layer_targets]
     if run.pruner.needs_calibration:
         if windows is None:
             raise LangpruneError(f"{run.result.method} needs calibration windows")
@@ -305,8 +326,9 @@ def _walk_layers(
     run: _Run, layers: nn.ModuleList, prefix: str, inputs: list[LayerInput], offload: bool,
     true_sequential: bool, on_layer_done: LayerDoneCallback | None,
 ) -> None:
-    desc = f"{run.result.method} {run.target.describe()}"
+    desc = f"{run.result.method} {run.result.target.describe()}"
     for i, layer in enumerate(tqdm(layers, desc=desc, disable=not run.progress)):
+        run.target = run.layer_targets[i]
         with models.onloaded(layer, run.device, offload):
             if run.pruner.needs_calibration:
                 records = _prune_calibrated_layer(

@@ -28,7 +28,7 @@ Lifecycle: dense pre-pass (one ColumnSquares per linear, Wanda scores pooled per
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -103,7 +103,61 @@ def owl_sparsities(
         )
     if len(layer_scores) == 0:
         raise LangpruneError("OWL needs the scores of at least one layer, got none")
-    ratios = [outlier_ratio(s, m) for s in layer_scores]
+    return owl_from_ratios([outlier_ratio(s, m) for s in layer_scores], sparsity, lam)
+
+
+def check_owl(sparsity: float, m: float, lam: float) -> None:
+    """Raise :class:`LangpruneError` (one line, with the allowed range) on bad OWL settings."""
+    check_target(sparsity)
+    _check_m(m)
+    # + 1e-12: 1 - 0.9 is 0.09999999999999998, yet lambda = 0.1 at sparsity 0.9 is in range
+    if (isinstance(lam, bool) or not isinstance(lam, (int, float))
+            or not 0.0 <= lam <= min(sparsity, 1.0 - sparsity) + 1e-12):
+        raise LangpruneError(
+            f"owl_lambda must be in [0, min(sparsity, 1 - sparsity)] = "
+            f"[0, {min(sparsity, 1.0 - sparsity):g}] at sparsity {sparsity:g}, got {lam!r}"
+        )
+
+
+def layer_outlier_ratio(scores: Callable[[], Iterable[Tensor]], m: float = DEFAULT_M) -> float:
+    """:func:`outlier_ratio` of several tensors pooled, without holding them all at once.
+
+    Args:
+        scores: Called twice, each time yielding the layer's score tensors one by one (so a
+            large layer never has all its scores in memory): the pooled mean, then the count
+            above ``m`` times it.
+        m: Threshold multiple, > 0.
+    """
+    _check_m(m)
+    total, numel = 0.0, 0
+    for s in scores():
+        total += float(s.sum(dtype=torch.float64))
+        numel += s.numel()
+    if numel == 0:
+        raise LangpruneError("outlier_ratio: scores are empty")
+    if not math.isfinite(total):
+        raise LangpruneError("outlier_ratio: scores contain NaN or Inf")
+    threshold = m * total / numel
+    return sum(int(torch.count_nonzero(s > threshold)) for s in scores()) / numel
+
+
+def wanda_outlier_ratio(weights: Sequence[Tensor], col_norms: Sequence[Tensor],
+                        m: float = DEFAULT_M) -> float:
+    """D_l of one layer: its linears' Wanda scores ``|W_ij| * ||X_j||_2`` pooled, each
+    matrix's scores computed when needed (never all of a layer's at once)."""
+    from pipeline.pruners.wanda import wanda_scores
+
+    def scores() -> Iterable[Tensor]:
+        return (wanda_scores(w, c) for w, c in zip(weights, col_norms, strict=True))
+
+    return layer_outlier_ratio(scores, m)
+
+
+def owl_from_ratios(ratios: Sequence[float], sparsity: float,
+                    lam: float = DEFAULT_LAMBDA) -> list[float]:
+    """:func:`owl_sparsities` from the layers' outlier ratios D_l (already computed)."""
+    if len(ratios) == 0:
+        raise LangpruneError("OWL needs the outlier ratios of at least one layer, got none")
     lo, hi = min(ratios), max(ratios)
     if hi == lo:
         return [float(sparsity)] * len(ratios)  # nothing to tell the layers apart
@@ -121,4 +175,6 @@ def owl_sparsities(
 
 def _check_m(m: float) -> None:
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0:
-        raise LangpruneError(f"OWL outlier threshold M must be a finite number > 0, got {m!r}")
+        raise LangpruneError(
+            f"owl_m: OWL's outlier threshold M must be a finite number > 0, got {m!r}"
+        )
