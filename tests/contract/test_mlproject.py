@@ -20,6 +20,7 @@ PROJECT = load_project(str(ROOT))
 
 # A non-default, valid value for every key an entry point may expose.
 SAMPLE = {
+    "layer_sparsity": "uniform",  # owl needs an unstructured pattern (2:4 below)
     "model": "some/hub-model",
     "method": "sparsegpt",
     "sparsity": "0.5",
