@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline import models
 from pipeline.engine.groups import InputGroup, discover_input_groups, input_hooks
+from pipeline.engine.sequential import PausedForwards
 from pipeline.engine.inputs import (
     LayerInput,
     _calibration_mode,
@@ -220,9 +221,49 @@ def _prune_calibrated_layer(
     groups = run.groups[key]
     if not true_sequential:
         return _prune_groups(run, layer, inputs, index, prefix, groups)
+    return _prune_sequential(run, layer, inputs, index, prefix, groups)
+
+
+def _prune_sequential(
+    run: _Run, layer: nn.Module, inputs: Sequence[LayerInput], index: int, prefix: str,
+    groups: Sequence[InputGroup],
+) -> list[ModuleSparsity]:
+    """``true_sequential`` in one forward per batch: each group is pruned once every batch
+    has reached it, and the forwards go on through the pruned weights; their outputs become
+    the next layer's inputs (:mod:`pipeline.engine.sequential`)."""
+    linears = models.find_linears(layer)
+    owned: dict[str, Statistic] = {}
+    by_first: dict[str, list[Statistic]] = {}
+
+    def feed(name: str, x: Tensor) -> None:  # the group's members all read this x
+        for stat in by_first[name]:
+            stat.add_batch(x)
+
     records: list[ModuleSparsity] = []
-    for group in groups:  # each group sees the pruned outputs of the groups before it
-        records += _prune_groups(run, layer, inputs, index, prefix, [group])
+    firsts = {g.names[0]: linears[g.names[0]] for g in groups}
+    t = time.perf_counter()
+    with PausedForwards(layer, inputs, index, firsts, feed) as forwards:
+        for group in groups:
+            hooked, group_owned = _make_stats(run, linears, [group])
+            owned.update(group_owned)
+            by_first[group.names[0]] = list(hooked.values())
+            at = forwards.advance()
+            if any(a != group.names[0] for a in at):
+                raise LangpruneError(f"{prefix}: the forward reached {sorted(set(map(str, at)))} "
+                                     f"where {group.names[0]} was expected; true_sequential "
+                                     "needs each group's first linear called once, in order")
+            t = run.tick("statistics", t)
+            _check_stats(prefix, group_owned)
+            records += [_prune_module(run, index, f"{prefix}.{name}", linears[name],
+                                      owned[name]) for name in group.names]
+            for stat in hooked.values():
+                stat.release()
+            t = run.tick("prune", t)
+        if any(a is not None for a in forwards.advance()):
+            raise LangpruneError(f"{prefix}: a forward paused after the last group")
+        for inp, out in zip(inputs, forwards.outputs(), strict=True):
+            inp.hidden_states = out
+    run.tick("propagate", t)
     return records
 
 
@@ -284,7 +325,8 @@ def prune_layerwise(
         device: Compute device; statistics live there in float32.
         offload: Move one decoder layer at a time to ``device``.
         true_sequential: Prune groups of linears in forward order (q/k/v, o, gate/up, down),
-            re-running the layer between groups so later groups see earlier groups' pruning.
+            so later groups see earlier groups' pruning; still one forward of each layer per
+            batch (each paused at every group until the group is pruned).
         batch_size: Windows per forward pass.
         on_layer_done: Called as ``on_layer_done(layer_index, records)`` after each layer.
         progress: Show progress bars.
@@ -334,7 +376,8 @@ def _walk_layers(
                 records = _prune_calibrated_layer(
                     run, layer, inputs, i, f"{prefix}.{i}", true_sequential
                 )
-                if i < len(layers) - 1:  # the last layer's outputs feed nothing we prune
+                # the last layer's outputs feed nothing we prune; sequential mode has them
+                if i < len(layers) - 1 and not true_sequential:
                     t = time.perf_counter()
                     _propagate(layer, inputs, i)
                     run.tick("propagate", t)

@@ -356,7 +356,7 @@ def test_fallback_finds_a_modulelist_of_identical_blocks():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="wandaa"), "known: magnitude, sparsegpt, wanda"),
+        (dict(method="wandaa"), "known: magnitude, ria, sparsegpt, wanda"),
         (dict(target=SparsityTarget(0.5, 2, 4), sparsegpt_blocksize=6, method="sparsegpt"),
          "multiple of M=4"),
         (dict(target=SparsityTarget(1 / 28, 1, 28)), "not divisible"),
@@ -387,3 +387,58 @@ def test_two_walks_can_be_interleaved_without_leaking_grad_mode():
         local = a.run(b.layer)  # the pruned layer on the dense inputs (local SNR)
         assert not torch.equal(torch.cat(local), torch.cat(a.outputs))
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_one_pass_sequential_equals_re_running_the_layer_per_group(monkeypatch, family, method):
+    """true_sequential runs each layer once per batch (paused at every group); the values are
+    those of the reference that re-runs the layer for every group and once more to
+    propagate: same masks, same weights, bit for bit."""
+    import pipeline.engine.prune as prune_mod
+
+    def rerun(run, layer, inputs, index, prefix, groups):
+        records = []
+        for group in groups:
+            records += prune_mod._prune_groups(run, layer, inputs, index, prefix, [group])
+        prune_mod._propagate(layer, inputs, index)
+        return records
+
+    one_pass_model = tiny_model(family)
+    one_pass = prune_layerwise(one_pass_model, tiny_windows(6), method, HALF, device=CPU,
+                               batch_size=2, progress=False, sparsegpt_blocksize=16,
+                               true_sequential=True)
+    passes = {"n": 0}
+    real_call = prune_mod.LayerInput.call
+
+    def counting(self, layer, index, hidden_states=None):
+        passes["n"] += 1
+        return real_call(self, layer, index, hidden_states)
+
+    monkeypatch.setattr(prune_mod, "_prune_sequential", rerun)
+    reference_model = tiny_model(family)
+    reference = prune_layerwise(reference_model, tiny_windows(6), method, HALF, device=CPU,
+                                batch_size=2, progress=False, sparsegpt_blocksize=16,
+                                true_sequential=True)
+    assert one_pass.masks.keys() == reference.masks.keys()
+    for name in one_pass.masks:
+        assert np.array_equal(one_pass.masks[name].bits, reference.masks[name].bits), name
+    for a, b in zip(one_pass_model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # one forward per batch and layer (3 batches), against one per group plus one
+    monkeypatch.setattr(prune_mod.LayerInput, "call", counting)
+    prune_layerwise(tiny_model(family), tiny_windows(6), method, HALF, device=CPU,
+                    batch_size=2, progress=False, sparsegpt_blocksize=16,
+                    true_sequential=True)
+    n_layers = len(decoder_layers(one_pass_model))
+    # the re-run reference is still patched in: groups + 1 calls per batch and layer
+    assert passes["n"] > 3 * n_layers * 2
+    passes["n"] = 0
+    monkeypatch.undo()
+    monkeypatch.setattr(prune_mod.LayerInput, "call", counting)
+    prune_layerwise(tiny_model(family), tiny_windows(6), method, HALF, device=CPU,
+                    batch_size=2, progress=False, sparsegpt_blocksize=16,
+                    true_sequential=True)
+    discovery = 1  # one forward finds the input groups of each layer kind
+    kinds = len({type(layer) for layer in decoder_layers(one_pass_model)})
+    assert passes["n"] == 3 * n_layers + discovery * kinds
