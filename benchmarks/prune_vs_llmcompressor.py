@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT block size (both)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping (both)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="langprune prunes each layer's groups in order, in one pass per layer")
     p.add_argument("--noise-batch-size", type=int, default=4,
                    help="batch size of the extra langprune run that measures the rounding noise "
                         "floor of mask agreement (0 = skip it)")
@@ -133,6 +135,7 @@ def langprune_side(spec: dict) -> None:
                                     sparsegpt_percdamp=spec["percdamp"]),
         SparsityTarget(spec["sparsity"]),
         device=torch.device("cpu"), batch_size=spec["batch_size"], progress=False,
+        true_sequential=bool(spec.get("true_sequential", False)),
     )
     wall = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
@@ -284,7 +287,8 @@ def main() -> None:
     print(machine_line())
     print(f"calibration {args.n_samples} x {args.seq_len} tokens, batch {args.batch_size}, "
           f"sparsity {args.sparsity}, SparseGPT block {args.blocksize} damp {args.percdamp}, "
-          f"threads {args.threads} per side; sides run back to back, each in a fresh process\n")
+          f"threads {args.threads} per side; sides run back to back, each in a fresh process"
+          f"{'; langprune true_sequential (one pass per layer)' if args.true_sequential else ''}\n")
     if "sparsegpt" in args.methods.split(","):
         with tempfile.TemporaryDirectory(prefix="lp_vs_llmc_") as tmp_name:
             print(matrix_check(args, Path(tmp_name)) + "\n", flush=True)
@@ -298,7 +302,8 @@ def main() -> None:
                 spec = {"model_dir": str(folder), "windows": str(tmp / "windows.safetensors"),
                         "method": method, "sparsity": args.sparsity,
                         "blocksize": args.blocksize, "percdamp": args.percdamp,
-                        "batch_size": args.batch_size, "threads": args.threads}
+                        "batch_size": args.batch_size, "threads": args.threads,
+                        "true_sequential": args.true_sequential}
                 lps, lcs = [], []
                 for r in range(max(args.repeat, 1)):  # alternate, so drifts hit both sides
                     tag = f"_r{r}" if r else ""
