@@ -14,12 +14,18 @@ log = logging.getLogger(__name__)
 
 
 def sweep_cells(cfg: Config) -> list[Config]:
-    """The grid: methods x calibration languages x calibration sets, in a stable order."""
+    """The grid: methods x sparsities x calibration rows x calibration sets, in a stable
+    order. The rows are the single sweep languages, then the ``sweep_blends`` rows."""
+    s = cfg.sweep
+    rows = [{"calib_lang": lang, "calib_blend": ""} for lang in split_list(s.sweep_langs)]
+    rows += [{"calib_blend": blend} for blend in s.blend_rows()]
+    sparsities = s.sparsity_list or [cfg.prune.sparsity]
     return [
-        cfg.replace(method=m, calib_lang=lang, calib_blend="", calib_set=str(k))
-        for m in split_list(cfg.sweep.sweep_methods)
-        for lang in split_list(cfg.sweep.sweep_langs)
-        for k in range(cfg.sweep.sweep_sets)
+        cfg.replace(method=m, sparsity=sparsity, calib_set=str(k), **row)
+        for m in split_list(s.sweep_methods)
+        for sparsity in sparsities
+        for row in rows
+        for k in range(s.sweep_sets)
     ]
 
 
@@ -45,7 +51,9 @@ def run_sweep(cfg: Config) -> str:
         for i, cell in enumerate(cells):
             log.info("sweep cell %d/%d: %s", i + 1, len(cells), P.run_name(cell))
             entry = {"method": cell.prune.method, "calib_lang": cell.calib.blend_label,
-                     "calib_set": str(cell.calib.calib_set)}
+                     "row": cell.calib.row_label,
+                     "calib_set": str(cell.calib.calib_set),
+                     "sparsity": repr(cell.prune.sparsity)}
             try:  # one failing cell must not lose an overnight sweep
                 res = run_main(cell, "sweep", parent_run_id=parent.run_id, loaded=loaded,
                                check=False)

@@ -186,6 +186,16 @@ class CalibCfg:
         b = self.blend
         return next(iter(b)) if len(b) == 1 else format_blend(b)
 
+    @property
+    def row_label(self) -> str:
+        """A report row's label: ``zh``; ``de+en`` for equal weights; ``de0.3+en0.7``."""
+        b = self.blend
+        if len(b) == 1:
+            return next(iter(b))
+        if max(b.values()) - min(b.values()) < 1e-9:
+            return "+".join(b)
+        return "+".join(f"{k}{w:.2g}" for k, w in b.items())
+
 
 @dataclass(frozen=True)
 class PruneCfg:
@@ -302,6 +312,8 @@ class SweepCfg:
     sweep_langs: str = ",".join(REQUIRED_LANGS)  # calibration languages of the grid
     sweep_methods: str = "wanda,sparsegpt"
     sweep_sets: int = 1  # calibration sets per language (3 for intra-language IoU)
+    sweep_blends: str = ""  # extra calibration rows, ";"-separated: uniform | *+en | de+en | de:0.3,en:0.7
+    sweep_sparsities: str = ""  # "" = just sparsity; e.g. 0.2,0.5: every cell at each
 
     def __post_init__(self) -> None:
         _check_langs(split_list(self.sweep_langs), "sweep_langs")
@@ -311,6 +323,52 @@ class SweepCfg:
             raise LangpruneError("sweep_methods is empty")
         if self.sweep_sets < 1:
             raise LangpruneError(f"sweep_sets must be >= 1, got {self.sweep_sets}")
+        for blend in self.blend_rows():
+            CalibCfg(calib_blend=blend)  # languages known, weights summing to 1
+        self.sparsity_list  # validates
+
+    def blend_rows(self) -> list[str]:
+        """The extra calibration rows as canonical blend strings, in the order given.
+
+        ``uniform``: every sweep language with equal weight; ``*+en``: each sweep language
+        paired with ``en`` at equal weights (``en`` itself skipped); ``de+en``: equal weights;
+        ``de:0.3,en:0.7``: explicit (weights must sum to 1).
+        """
+        langs = split_list(self.sweep_langs)
+        rows: list[str] = []
+        for item in (i.strip() for i in self.sweep_blends.split(";")):
+            if not item:
+                continue
+            if item == "uniform":
+                groups = [langs]
+            elif item.startswith("*+"):
+                other = item[2:]
+                groups = [[lang, other] for lang in langs if lang != other]
+            elif ":" in item:
+                rows.append(format_blend(parse_blend(item)))
+                continue
+            else:
+                groups = [split_list(item.replace("+", ","))]
+            for group in groups:
+                if len(set(group)) != len(group) or len(group) < 2:
+                    raise LangpruneError(
+                        f"sweep_blends item {item!r}: name two or more different languages")
+                rows.append(format_blend({lang: 1.0 / len(group) for lang in group}))
+        return list(dict.fromkeys(rows))
+
+    @property
+    def sparsity_list(self) -> list[float]:
+        """The grid's sparsities (empty: the config's ``sparsity`` alone)."""
+        out = []
+        for item in split_list(self.sweep_sparsities):
+            try:
+                value = float(item)
+            except ValueError:
+                raise LangpruneError(f"sweep_sparsities: {item!r} is not a number") from None
+            if not (math.isfinite(value) and 0.0 <= value < 1.0):
+                raise LangpruneError(f"sweep_sparsities: {item} is outside [0, 1)")
+            out.append(value)
+        return out
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ PROJECT = load_project(str(ROOT))
 
 # A non-default, valid value for every key an entry point may expose.
 SAMPLE = {
+    "sweep_blends": "uniform;*+en",
+    "sweep_sparsities": "0.2,0.5",
     "layer_sparsity": "uniform",  # owl needs an unstructured pattern (2:4 below)
     "model": "some/hub-model",
     "method": "sparsegpt",

@@ -100,3 +100,29 @@ def test_params_logged_by_mlflow_run_are_recognised():
     assert same_param_value("offload", "False", "false")
     assert not same_param_value("sparsity", "0.6", "0.5")
     assert not same_param_value("calib_lang", "de", "zh")
+
+
+def test_sweep_grid_has_blend_rows_and_sparsities_in_a_stable_order():
+    from jobs.sweep import sweep_cells
+
+    cfg = Config.from_overrides({"sweep_langs": "de,en,sw", "sweep_methods": "wanda",
+                                 "sweep_blends": "uniform; *+en; de:0.3,en:0.7",
+                                 "sweep_sparsities": "0.2,0.5"})
+    cells = sweep_cells(cfg)
+    rows = [c.calib.row_label for c in cells]
+    assert rows == ["de", "en", "sw", "de+en+sw", "de+en", "en+sw", "de0.3+en0.7"] * 2
+    assert [c.prune.sparsity for c in cells] == [0.2] * 7 + [0.5] * 7
+    assert cells[3].calib.blend == pytest.approx({"de": 1 / 3, "en": 1 / 3, "sw": 1 / 3})
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"sweep_blends": "xx+en"}, "unknown language 'xx'"),
+    ({"sweep_blends": "en+en"}, "two or more different languages"),
+    ({"sweep_blends": "de:0.5,en:0.6"}, "sum to 1.1"),
+    ({"sweep_sparsities": "0.2,1.2"}, r"1.2 is outside \[0, 1\)"),
+    ({"sweep_sparsities": "half"}, "not a number"),
+])
+def test_bad_sweep_rows_and_sparsities_are_one_line_errors(overrides, match):
+    with pytest.raises(LangpruneError, match=match) as err:
+        Config.from_overrides(overrides)
+    assert "\n" not in str(err.value)
