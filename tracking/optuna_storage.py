@@ -9,13 +9,13 @@ depends on, the fixed trials to enqueue, ``n_trials``, the seed).
 worker that creates the study (creation is atomic, so it is unique) enqueues every trial up
 front as a *slot* (the fixed trials with their params, the others empty, so the sampler fills
 them in) and then marks the study provisioned (user attr :data:`SLOTS_ATTR`); the others wait
-for that mark (:func:`wait_provisioned`). Workers only ever take an enqueued slot (an atomic
+for that mark (:func:`_wait_provisioned`). Workers only ever take an enqueued slot (an atomic
 WAITING -> RUNNING update: ``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
 SQLite) and never create a trial of their own (:class:`SlotStorage`), so trial numbers are
 unique and dense and the total is ``n_trials``. Raising ``n_trials`` of an existing study tops
 the slots up, exactly, even when several workers are started with the new count at once (one
-is elected per count, :func:`enqueue_slots`). The study records the config it was created with
-and refuses a different one (:func:`check_study_config`).
+is elected per count, :func:`_enqueue_slots`). The study records the config it was created with
+and refuses a different one (:func:`_check_study_config`).
 
 A killed worker's running trial is failed at once by the next worker started on the same host
 (:func:`fail_orphaned_trials`), from other hosts by Optuna's heartbeat after :data:`GRACE_S`.
@@ -26,10 +26,10 @@ study is complete, one worker is elected to run what follows (:func:`claim_verdi
 
 Optuna's private API is used in three places, each because the public one cannot do it
 (optuna is pinned; the scale-out test, ``tests/e2e/test_scale_out.py``, exercises them):
-``RDBStorage._create_new_trial`` (:class:`SlotStorage`), ``Study._storage`` to create the
-side studies that elect one worker in the storage already open (:func:`enqueue_slots`, :func:`claim_verdict`) and
-``FrozenTrial._trial_id`` to set a user attr on another worker's trial
-(:func:`fail_orphaned_trials`).
+``RDBStorage._create_new_trial`` (:class:`SlotStorage`); ``Study._storage``, to create the
+side studies that elect one worker in the storage already open (:func:`_enqueue_slots`,
+:func:`claim_verdict`); ``FrozenTrial._trial_id``, to set a user attr on another worker's
+trial (:func:`fail_orphaned_trials`).
 """
 
 from __future__ import annotations
@@ -131,30 +131,31 @@ def open_study(name: str, url: str, *, direction: str, seed: int, config: Mappin
     Args:
         direction: ``minimize`` or ``maximize``; a loaded study must have the same.
         seed: Seed of the sampler the study is created or loaded with.
-        config: What the study's trials depend on (:func:`check_study_config`).
-        fixed: The fixed trials (:func:`enqueue_fixed`; the first is trial 0).
-        n_trials: Slots the study should hold (:func:`enqueue_slots`).
+        config: What the study's trials depend on (:func:`_check_study_config`).
+        fixed: The fixed trials (:func:`_enqueue_fixed`; the first is trial 0).
+        n_trials: Slots the study should hold (:func:`_enqueue_slots`).
         make_parent: Called only by the worker that creates the study, before any slot is
             enqueued; returns the MLflow parent run id, stored as the study's user attr
             :data:`tracking.optuna_mlflow.PARENT_ATTR` (one parent however many workers).
         objective: The objective's name, for the error on a direction mismatch.
     """
-    study, created = create_study(name, direction, url, seed)
+    study, created = _create_study(name, direction, url, seed)
     if not created:
-        wait_provisioned(study)
+        _wait_provisioned(study)
     if study.direction.name.lower() != direction:
         raise LangpruneError(f"study {name} {study.direction.name.lower()}s, but objective "
                              f"{objective} needs {direction}")
-    check_study_config(study, dict(config))
+    _check_study_config(study, dict(config))
     if created and make_parent is not None:
         study.set_user_attr(OM.PARENT_ATTR, make_parent())
     fail_orphaned_trials(study)
-    enqueue_fixed(study, fixed, created)
-    enqueue_slots(study, n_trials)
+    _enqueue_fixed(study, fixed, created)
+    _enqueue_slots(study, n_trials)
     return study
 
 
-def create_study(name: str, direction: str, url: str, seed: int) -> tuple[optuna.Study, bool]:
+def _create_study(name: str, direction: str, url: str,
+                  seed: int) -> tuple[optuna.Study, bool]:
     """Create or load the study; ``(study, created_here)``.
 
     Retried, because workers starting together on a new database race to create its schema
@@ -217,7 +218,7 @@ def _serialise_sqlite(engine: Any) -> None:
     engine.dispose()  # connections opened before the listeners existed
 
 
-def check_study_config(study: optuna.Study, mine: dict[str, str]) -> None:
+def _check_study_config(study: optuna.Study, mine: dict[str, str]) -> None:
     """Record ``mine`` in a new study; refuse it if the study was created with another."""
     theirs = study.user_attrs.get(CONFIG_ATTR)
     if theirs is None:
@@ -232,7 +233,7 @@ def check_study_config(study: optuna.Study, mine: dict[str, str]) -> None:
 # ---- slots -------------------------------------------------------------------------------------
 
 
-def wait_provisioned(study: optuna.Study, n_trials: int = 0) -> None:
+def _wait_provisioned(study: optuna.Study, n_trials: int = 0) -> None:
     """Wait for the worker that enqueues the slots to mark the study (:data:`SLOTS_ATTR`,
     at least ``n_trials`` when given).
 
@@ -254,11 +255,11 @@ def wait_provisioned(study: optuna.Study, n_trials: int = 0) -> None:
                 study.study_name, ENQUEUE_WAIT_S)
 
 
-def enqueue_fixed(study: optuna.Study, fixed: Sequence[FixedTrial], created: bool) -> None:
+def _enqueue_fixed(study: optuna.Study, fixed: Sequence[FixedTrial], created: bool) -> None:
     """Enqueue the fixed trials: ``fixed[0]`` is trial 0, the others follow it.
 
     The worker that created the study enqueues them. Another worker that still finds the study
-    empty after :func:`wait_provisioned` enqueues trial 0 itself (the creator died in between);
+    empty after :func:`_wait_provisioned` enqueues trial 0 itself (the creator died in between);
     ``skip_if_exists`` keeps resumed studies from getting them twice.
     """
     if not fixed:
@@ -272,7 +273,7 @@ def enqueue_fixed(study: optuna.Study, fixed: Sequence[FixedTrial], created: boo
                             skip_if_exists=True)
 
 
-def enqueue_slots(study: optuna.Study, n_trials: int) -> None:
+def _enqueue_slots(study: optuna.Study, n_trials: int) -> None:
     """Enqueue empty trials until the study holds ``n_trials``; then mark it provisioned.
 
     An empty enqueued trial has no fixed params: the sampler suggests all of them when a
@@ -293,7 +294,7 @@ def enqueue_slots(study: optuna.Study, n_trials: int) -> None:
             # in the storage already open rather than open a second engine on its URL
             study._storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], side)
         except optuna.exceptions.DuplicatedStudyError:
-            wait_provisioned(study, n_trials)
+            _wait_provisioned(study, n_trials)
             have = len(study.get_trials(deepcopy=False))
         for _ in range(n_trials - have):
             study.enqueue_trial({})
@@ -390,7 +391,7 @@ def claim_verdict(study: optuna.Study) -> bool:
     ``host:pid:claim time`` in the study; a worker restarted on the same host takes over when that
     process is gone and the parent has no verdict yet (a killed verdict is re-run).
     """
-    storage = study._storage  # private: creates the side study only (see enqueue_slots)
+    storage = study._storage  # private: creates the side study only (see _enqueue_slots)
     side = f"{study.study_name}--verdict"
     me = f"{socket.gethostname()}:{os.getpid()}:{time.time() * 1000:.0f}"
     try:
