@@ -3,7 +3,7 @@
 For >= 10 blends (target-only plus seeded random points of the simplex) it runs
 
 - a *fast* trial: prune every layer from the cached per-language statistics of the dense
-  model (:func:`jobs.search.prune_from_stats`) and evaluate the target language;
+  model (:func:`pipeline.engine.blend.prune_from_stats`) and evaluate the target language;
 - an *exact* trial: the full layer-wise prune with the blend's own windows
   (:func:`pipeline.stages.prune`, what ``run_main`` does, without tracking) and the same
   evaluation;
@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from jobs import search as S
-from pipeline.pruners import make_pruner
 from pipeline import stages
 from pipeline.config import REQUIRED_LANGS, Config
-from pipeline.models import DenseSnapshot
+from pipeline.engine.blend import collect_language_stats, prune_from_stats
 from pipeline.loading import load_model
+from pipeline.models import DenseSnapshot
+from pipeline.pruners import SparsityTarget, make_pruner
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,14 +101,14 @@ def main() -> None:
     objective = S.Objective({"ppl": 1.0}, args.target)
     loaded = load_model(cfg.model)
     snapshot = DenseSnapshot(loaded.model)
-    target = S.SparsityTarget.from_pattern(args.sparsity, "unstructured")
+    target = SparsityTarget.from_pattern(args.sparsity, "unstructured")
     pruner = make_pruner(args.method)
 
     t0 = time.perf_counter()
     stats = {}
     for lang in pool:
         windows = stages.calibrate(cfg.replace(calib_lang=lang), loaded.tokenizer).windows
-        stats[lang] = S.collect_language_stats(
+        stats[lang] = collect_language_stats(
             loaded.model, windows, lang, pruner, device=loaded.device,
             batch_size=cfg.prune.capture_batch_size)
     shared_s = time.perf_counter() - t0
@@ -122,8 +123,8 @@ def main() -> None:
     for i, point in enumerate(blends(pool, args.target, args.n_blends, args.n_samples,
                                      args.seed)):
         t = time.perf_counter()
-        S.prune_from_stats(loaded.model, stats, point.counts, pruner, target,
-                           device=loaded.device)
+        prune_from_stats(loaded.model, stats, point.counts, pruner, target,
+                         device=loaded.device)
         fast_prune = time.perf_counter() - t
         fast_obj, fast_eval = evaluate()
         snapshot.restore()

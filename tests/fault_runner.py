@@ -88,16 +88,16 @@ def _install(spec: str) -> None:
 
         masks.save_file = save_file
     elif kind == "trial":
-        from jobs import search
+        from jobs.search import trials
 
-        real_trial = search._fast_trial
+        real_trial = trials._fast_trial
 
         def fast_trial(ctx: Any, point: Any) -> Any:
             if ctx.current_trial == int(arg):
                 _reached()
             return real_trial(ctx, point)
 
-        search._fast_trial = fast_trial
+        trials._fast_trial = fast_trial
     else:
         raise SystemExit(f"unknown FAULT_PAUSE {spec!r}")
 

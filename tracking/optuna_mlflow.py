@@ -20,9 +20,8 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -301,8 +300,3 @@ def log_study_plots(parent: R.TrackedRun, study: optuna.Study) -> list[str]:
             except Exception as e:  # too few trials, constant objective, ...
                 log.warning("optuna figure %s skipped: %s", name, e)
     return logged
-
-
-def summary_dict(summary: StudySummary) -> dict[str, Any]:
-    """The summary as a JSON-serialisable dict."""
-    return asdict(summary)

@@ -16,9 +16,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from jobs import search as S
-from pipeline.engine import blend as B
+from jobs.search import job as J
+from jobs.search import trials as T
+from jobs.search import verdict as V
 from pipeline.config import Config
 from pipeline.data.sampler import build_calibration, largest_remainder
+from pipeline.engine import blend as B
 from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
 from pipeline.pruners import ColumnSquares, SparsityTarget, WandaPruner
@@ -141,8 +144,8 @@ def test_target_only_best_still_re_runs_the_best_non_target_blend(monkeypatch):
         seen.append((point.label, calib_set, role))
         return (10.0 + 0.1 * calib_set, "t") if role == "target-only" else (11.0, "b")
 
-    monkeypatch.setattr(S, "_verdict_value", fake_value)
-    ctx = S._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
+    monkeypatch.setattr(V, "_verdict_value", fake_value)
+    ctx = T._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
     verdict = S.run_verdict(ctx, study)
     assert {label for label, _, role in seen if role == "blend"} == {"de:0.5,sw:0.5"}
     assert sorted({k for _, k, _ in seen}) == [0, 1, 2]
@@ -154,7 +157,7 @@ def test_target_only_best_still_re_runs_the_best_non_target_blend(monkeypatch):
 def test_no_non_target_trial_is_inconclusive():
     cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw", "n_samples": "4"})
     study = _study_with([({"w_de": 0.0, "w_sw": 1.0}, 10.0)])
-    ctx = S._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
+    ctx = T._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
     verdict = S.run_verdict(ctx, study)  # would fail on ctx.loaded=None if it re-ran anything
     assert verdict.answer == "inconclusive" and "no completed non-target" in verdict.detail
 
@@ -229,7 +232,7 @@ def test_statistics_cache_round_trip(tmp_path):
 
 def test_a_resumed_study_must_keep_its_config(tmp_path):
     cfg = Config.from_overrides({"storage": f"sqlite:///{tmp_path / 'o.db'}"})
-    obj, pool, url = S._validate(cfg)
+    obj, pool, url = J._validate(cfg)
     S.open_study(cfg, obj, pool, url)
     other = cfg.replace(sparsity="0.6")
     with pytest.raises(LangpruneError, match="sparsity"):
@@ -237,7 +240,7 @@ def test_a_resumed_study_must_keep_its_config(tmp_path):
 
 
 def test_trial0_target_only_interrupt_and_resume(store, tiny_model_dir, tmp_path, monkeypatch):
-    real, calls = S._fast_trial, []
+    real, calls = T._fast_trial, []
 
     def stopped_at_second(ctx, point):
         calls.append(point.label)
@@ -245,7 +248,7 @@ def test_trial0_target_only_interrupt_and_resume(store, tiny_model_dir, tmp_path
             raise Interrupted("received signal SIGTERM")  # what the CLI's handler raises
         return real(ctx, point)
 
-    monkeypatch.setattr(S, "_fast_trial", stopped_at_second)
+    monkeypatch.setattr(T, "_fast_trial", stopped_at_second)
     cfg = small_cfg(tiny_model_dir, tmp_path, n_trials="3")
     with pytest.raises(Interrupted):
         S.run_search(cfg, progress=False)
@@ -257,7 +260,7 @@ def test_trial0_target_only_interrupt_and_resume(store, tiny_model_dir, tmp_path
     killed = {int(r.data.tags[OM.TAG_TRIAL]): r for r in trial_runs(store, study.study_name)}
     assert killed[1].info.status == "KILLED"
 
-    monkeypatch.setattr(S, "_fast_trial", real)
+    monkeypatch.setattr(T, "_fast_trial", real)
     again = S.run_search(cfg.replace(n_trials="4"), progress=False)
     assert again.trials_run == 2  # n_trials is the study's total; the failed trial counts
     study = load_study(cfg)
@@ -279,7 +282,7 @@ def test_trial0_target_only_interrupt_and_resume(store, tiny_model_dir, tmp_path
 
 def test_a_failing_trial_is_recorded_and_the_study_continues(store, tiny_model_dir, tmp_path,
                                                              monkeypatch):
-    real = S._fast_trial
+    real = T._fast_trial
     calls = []
 
     def flaky(ctx, point):
@@ -290,7 +293,7 @@ def test_a_failing_trial_is_recorded_and_the_study_continues(store, tiny_model_d
             raise RuntimeError("simulated out of memory")
         return real(ctx, point)
 
-    monkeypatch.setattr(S, "_fast_trial", flaky)
+    monkeypatch.setattr(T, "_fast_trial", flaky)
     cfg = small_cfg(tiny_model_dir, tmp_path, n_trials="4")
     result = S.run_search(cfg, progress=False)
     study = load_study(cfg)
@@ -348,8 +351,8 @@ def test_parent_params_agree_with_what_mlflow_run_logs(overrides):
     from tracking.params import same_param_value
 
     cfg = Config.from_overrides({"target_lang": "sw", **overrides})
-    objective, pool, _ = S._validate(cfg)
-    params = S._parent_params(cfg, S.default_study_name(cfg), pool, objective)
+    objective, pool, _ = J._validate(cfg)
+    params = J._parent_params(cfg, S.default_study_name(cfg), pool, objective)
     raw = cfg.to_flat()
     for key, value in params.items():
         if key in raw:
@@ -380,7 +383,7 @@ def test_workers_raising_n_trials_together_top_the_slots_up_exactly(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     cfg = Config.from_overrides({"storage": url, "n_trials": "3"})
-    obj, pool, _ = S._validate(cfg)
+    obj, pool, _ = J._validate(cfg)
     study = S.open_study(cfg, obj, pool, url)
     assert len(study.trials) == 3
     raised = cfg.replace(n_trials="9")
