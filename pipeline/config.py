@@ -32,6 +32,19 @@ REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")  # == pipeline.data.
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LAYER_SPARSITIES = ("uniform", "owl")
+EVAL_PARTS = ("all", "selection", "verdict")
+
+
+def text_part(sentences: list[str], part: str) -> list[str]:
+    """The evaluation sentences of ``part``: ``all``, or the first (``selection``) or second
+    (``verdict``) half by sentence index, so a search selects and confirms on disjoint text
+    (halves keep FLORES's consecutive sentences of one article together)."""
+    half = len(sentences) // 2
+    if part == "selection":
+        return sentences[:half]
+    if part == "verdict":
+        return sentences[half:]
+    return sentences
 # Field tags (declared once, on the fields; every key list below is derived from them):
 EXEC = "exec"  # how a run is executed, not what it computes: not in the config hash
 DENSE = "dense"  # the dense baseline depends on it (its hash, dense_identity)
@@ -262,6 +275,7 @@ class EvalCfg:
     eval_langs: str = _f(",".join(REQUIRED_LANGS), DENSE)  # comma-separated language codes
     eval_source: str = _f("flores", DENSE, STUDY)  # flores (bundled devtest) | flores_hub
     eval_tokens: int = _f(2048, DENSE, STUDY)  # token budget per language for perplexity; 0 = all text
+    eval_part: str = _f("all", DENSE)  # all | selection (first half of the sentences) | verdict (second half)
     eval_seq_len: int = _f(512, DENSE, STUDY)  # perplexity window (non-overlapping)
     eval_batch_size: int = _f(4, DENSE)
     tasks: str = _f("sib200,xnli,belebele", DENSE)  # bundled suite; any lm-eval task name also works
@@ -275,6 +289,9 @@ class EvalCfg:
                 raise LangpruneError(f"{name} must be >= 0, got {v}")
         if self.eval_seq_len < 2:
             raise LangpruneError(f"eval_seq_len must be >= 2, got {self.eval_seq_len}")
+        if self.eval_part not in EVAL_PARTS:
+            raise LangpruneError(f"unknown eval_part {self.eval_part!r}; known: "
+                                 f"{', '.join(EVAL_PARTS)}{suggest(self.eval_part, EVAL_PARTS)}")
         if self.eval_batch_size < 1:
             raise LangpruneError("eval_batch_size must be >= 1")
 

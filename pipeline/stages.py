@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, text_part
 from pipeline.errors import LangpruneError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch
         res = evaluate_perplexity(
             model,
             tokenizer,
-            load_eval_sentences(e.eval_source, lang),
+            text_part(load_eval_sentences(e.eval_source, lang), e.eval_part),
             seq_len=e.eval_seq_len,
             token_budget=e.eval_tokens,
             batch_size=e.eval_batch_size,

@@ -28,7 +28,7 @@ from jobs.main import check_inputs, preflight
 from jobs.search.objective import Objective
 from jobs.search.space import corner, search_pool
 from jobs.search.trials import _Search, language_stats, run_trials
-from jobs.search.verdict import Verdict, log_verdict, run_verdict
+from jobs.search.verdict import Verdict, log_verdict, run_verdict, verdict_calib_sets
 from pipeline import stages
 from pipeline.config import STUDY, STUDY_TASKS, TRIAL, Config, tagged
 from pipeline.errors import LangpruneError
@@ -84,10 +84,12 @@ def _check_verdict_corpus(cfg: Config, tokenizer: Any) -> None:
 
     s, c = cfg.search, cfg.calib
     have = available_windows(tokenizer, c.calib_source, s.target_lang, c.seq_len)
-    if have < s.verdict_sets * c.n_samples:
+    need = (max(verdict_calib_sets(c.calib_set, s.verdict_sets)) + 1) * c.n_samples
+    if have < need:
         raise LangpruneError(
             f"{c.calib_source}/{s.target_lang} holds {have} windows of {c.seq_len} tokens; the "
-            f"verdict needs verdict_sets x n_samples = {s.verdict_sets * c.n_samples}: lower "
+            f"verdict's target-only runs on calibration sets "
+            f"{verdict_calib_sets(c.calib_set, s.verdict_sets)} need {need}: lower "
             "verdict_sets, n_samples or seq_len"
         )
 
@@ -145,7 +147,12 @@ def _parent_params(cfg: Config, name: str, pool: Sequence[str],
     fixed.pop("languages")
     # The resolved name goes to ``study``: ``study_name`` is a config key, and under `mlflow run`
     # MLflow has already logged the raw value ('' for the default) as that param.
-    return {**fixed, "study": name, "search_pool": ",".join(pool)}
+    verdict_sets = verdict_calib_sets(cfg.calib.calib_set, cfg.search.verdict_sets)
+    return {**fixed, "study": name, "search_pool": ",".join(pool),
+            "search_calib_set": str(cfg.calib.calib_set),
+            "verdict_calib_sets": ",".join(map(str, verdict_sets)),
+            "verdict_eval_text": f"{cfg.eval.eval_source}: trials on the first half of the "
+                                 "sentences, the verdict on the second (eval_part)"}
 
 
 # ---- the entry point ---------------------------------------------------------------------------

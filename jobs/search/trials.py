@@ -63,6 +63,9 @@ from tracking import runs as R
 
 log = logging.getLogger(__name__)
 
+# The evaluation text the trials are scored on; the verdict scores the other half.
+SELECTION, VERDICT = "selection", "verdict"
+
 
 @dataclass
 class _Search:
@@ -84,10 +87,11 @@ class _Search:
     def sparsity_target(self) -> SparsityTarget:
         return target_from_config(self.cfg.prune)
 
-    def eval_cfg(self, tokens: int) -> Config:
-        """Target language only, ``tokens`` perplexity tokens, the objective's tasks."""
+    def eval_cfg(self, tokens: int, part: str = SELECTION) -> Config:
+        """Target language only, ``tokens`` perplexity tokens of the text ``part``, the
+        objective's tasks. Trials score the selection half; the verdict the other."""
         return self.cfg.replace(eval_langs=self.objective.target, eval_tokens=tokens,
-                                tasks=",".join(self.objective.tasks))
+                                tasks=",".join(self.objective.tasks), eval_part=part)
 
 
 # ---- one trial -------------------------------------------------------------------------------
@@ -134,7 +138,7 @@ def _fast_trial(ctx: _Search, point: BlendPoint) -> dict[str, float]:
 
 def _exact_trial(ctx: _Search, point: BlendPoint, run: R.TrackedRun,
                  number: int) -> dict[str, float]:
-    cell = ctx.cfg.replace(calib_blend=point.label)
+    cell = ctx.cfg.replace(calib_blend=point.label, eval_part=SELECTION)
     res = run_main(cell, "search", parent_run_id=run.run_id, loaded=ctx.loaded, check=False,
                    extra_tags={OM.TAG_STUDY: ctx.study_name, OM.TAG_TRIAL: str(number)})
     run.set_tags({"langprune.pruned_run": res.run_id, P.TAG_REUSED: str(res.reused).lower()})

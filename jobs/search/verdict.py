@@ -1,8 +1,12 @@
 """The verdict: does the best blend beat target-only calibration?
 
 When the study is complete (the last worker to finish), the best blend and target-only are
-re-run in exact mode on ``calib_set`` 0..verdict_sets-1, evaluated on the target language only
-(``eval_tokens``, the objective's tasks). The per-set differences (positive = blend better)
+re-run in exact mode on fresh data: ``verdict_sets`` calibration sets none of which is the
+search's ``calib_set`` (:func:`verdict_calib_sets`; params ``search_calib_set`` and
+``verdict_calib_sets``), evaluated on the target language only (``eval_tokens``, the
+objective's tasks) on the second half of the evaluation sentences, while every trial scored
+the first half (``eval_part``; param ``verdict_eval_text``). So neither the calibration
+windows nor the text the blend was picked on is evidence in its confirmation. The per-set differences (positive = blend better)
 give a mean and a 95% paired t-interval; the answer is ``yes`` if the interval excludes 0 in
 favour of the blend, ``no`` if in favour of target-only, else ``inconclusive``. If the best
 blend found is target-only itself, the best *non-target* blend is re-run against it instead
@@ -25,7 +29,7 @@ from optuna.trial import TrialState
 
 from jobs.main import run_main
 from jobs.search.space import BlendPoint, blend_from_raw, param_name, single
-from jobs.search.trials import _Search, first_line
+from jobs.search.trials import VERDICT, _Search, first_line
 from tracking import optuna_mlflow as OM
 from tracking import runs as R
 
@@ -129,10 +133,36 @@ def challenger(study: optuna.Study, pool: Sequence[str], target: str,
     return None, False
 
 
+def verdict_calib_sets(search_set: int, n_sets: int) -> list[int]:
+    """The ``n_sets`` lowest calibration sets other than the search's own."""
+    return [k for k in range(n_sets + 1) if k != search_set][:n_sets]
+
+
+def check_verdict_corpora(ctx: _Search, blends: Sequence[BlendPoint]) -> None:
+    """Every language of every re-run blend holds its windows for every verdict set.
+
+    Raises:
+        LangpruneError: before the first verdict run, naming the language and the need.
+    """
+    from pipeline.data.sampler import available_windows
+    from pipeline.errors import LangpruneError
+
+    c = ctx.cfg.calib
+    last = max(verdict_calib_sets(c.calib_set, ctx.cfg.search.verdict_sets))
+    for lang in sorted({lang for b in blends for lang in b.counts}):
+        count = max(b.counts.get(lang, 0) for b in blends)
+        have = available_windows(ctx.loaded.tokenizer, c.calib_source, lang, c.seq_len)
+        if have < (last + 1) * count:
+            raise LangpruneError(
+                f"{c.calib_source}/{lang} holds {have} windows of {c.seq_len} tokens; the "
+                f"verdict's calibration set {last} needs ({last}+1) x {count} = "
+                f"{(last + 1) * count}: lower verdict_sets, n_samples or seq_len")
+
+
 def _verdict_value(ctx: _Search, point: BlendPoint, calib_set: int,
                    role: str) -> tuple[float, str]:
-    cell = ctx.eval_cfg(ctx.cfg.eval.eval_tokens).replace(calib_blend=point.label,
-                                                          calib_set=calib_set)
+    cell = ctx.eval_cfg(ctx.cfg.eval.eval_tokens, VERDICT).replace(calib_blend=point.label,
+                                                                   calib_set=calib_set)
     try:
         res = run_main(cell, "search", parent_run_id=ctx.parent.run_id, loaded=ctx.loaded,
                        check=False, extra_tags={OM.TAG_STUDY: ctx.study_name,
@@ -153,6 +183,7 @@ def run_verdict(ctx: _Search, study: optuna.Study) -> Verdict:
         log.info("the search's best blend is target-only; re-running the best non-target "
                  "blend %s against it", best.label)
     only = blend_from_raw(single(ctx.pool, target), n)
+    check_verdict_corpora(ctx, [best, only])
     diffs, pairs = _paired_runs(ctx, best, only)
     verdict = make_verdict(target, best.label, diffs, pairs, ctx.cfg.search.objective)
     if is_best:
@@ -167,7 +198,7 @@ def _paired_runs(ctx: _Search, best: BlendPoint,
     sign = 1.0 if ctx.objective.direction == "minimize" else -1.0
     diffs: list[float] = []
     pairs: list[dict[str, Any]] = []
-    for k in range(ctx.cfg.search.verdict_sets):
+    for k in verdict_calib_sets(ctx.cfg.calib.calib_set, ctx.cfg.search.verdict_sets):
         try:
             b, b_run = _verdict_value(ctx, best, k, "blend")
             t, t_run = _verdict_value(ctx, only, k, "target-only")

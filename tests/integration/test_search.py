@@ -145,13 +145,50 @@ def test_target_only_best_still_re_runs_the_best_non_target_blend(monkeypatch):
         return (10.0 + 0.1 * calib_set, "t") if role == "target-only" else (11.0, "b")
 
     monkeypatch.setattr(V, "_verdict_value", fake_value)
+    monkeypatch.setattr(V, "check_verdict_corpora", lambda ctx, blends: None)  # no model here
     ctx = T._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
     verdict = S.run_verdict(ctx, study)
     assert {label for label, _, role in seen if role == "blend"} == {"de:0.5,sw:0.5"}
-    assert sorted({k for _, k, _ in seen}) == [0, 1, 2]
+    assert sorted({k for _, k, _ in seen}) == [1, 2, 3]  # fresh sets: never the search's 0
     assert verdict.answer == "no" and verdict.ci_high < 0
     assert "best non-target blend" in verdict.detail
-    assert verdict.mean == pytest.approx(-0.9)
+    assert verdict.mean == pytest.approx(-0.8)
+
+
+def test_verdict_sets_and_text_are_disjoint_from_the_search():
+    assert V.verdict_calib_sets(0, 3) == [1, 2, 3]
+    assert V.verdict_calib_sets(2, 3) == [0, 1, 3]
+    sentences = [f"s{i}" for i in range(10)]
+    from pipeline.config import text_part
+
+    selection, verdict = text_part(sentences, "selection"), text_part(sentences, "verdict")
+    assert not set(selection) & set(verdict) and selection + verdict == sentences
+    cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw"})
+    ctx = T._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
+    assert ctx.eval_cfg(64).eval.eval_part == "selection"
+    assert ctx.eval_cfg(64, T.VERDICT).eval.eval_part == "verdict"
+    params = J._parent_params(cfg, "x", ["de", "sw"], ctx.objective)
+    assert (params["search_calib_set"], params["verdict_calib_sets"]) == ("0", "1,2,3")
+    assert "second" in params["verdict_eval_text"]
+
+
+def test_every_blend_language_is_checked_for_every_verdict_set(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.sampler import available_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    have = available_windows(tok, "ntrex", "de", 64)
+    # set 3 of a blend with `have // 3` German windows needs 4x that: more than there is
+    cfg = Config.from_overrides({"languages": "de,sw", "target_lang": "sw", "seq_len": "64",
+                                 "n_samples": str(have // 3), "verdict_sets": "3"})
+    ctx = T._Search(cfg, S.Objective({"ppl": 1.0}, "sw"), ["de", "sw"], "x", "0", None, None)
+    ctx.loaded = SimpleNamespace(tokenizer=tok)
+    blend = S.blend_from_raw({"de": 1.0, "sw": 0.0}, have // 3)
+    with pytest.raises(LangpruneError, match=r"ntrex/de holds .* calibration set 3 needs"):
+        V.check_verdict_corpora(ctx, [blend])
 
 
 def test_no_non_target_trial_is_inconclusive():
