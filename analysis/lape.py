@@ -1,6 +1,6 @@
 """LAPE: language activation probability entropy and language-specific FFN neurons.
 
-Definitions (SCIENCE.md, "LAPE"), after Tang et al., "Language-Specific Neurons: The Key to
+Definitions (docs/science.md#lape), after Tang et al., "Language-Specific Neurons: The Key to
 Multilingual Capabilities in Large Language Models", ACL 2024 (eq. 1-2 and their released
 selection code):
 

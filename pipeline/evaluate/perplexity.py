@@ -1,6 +1,6 @@
 """Perplexity and bits per byte of one language's evaluation text: one definition.
 
-Definition ``token_nonoverlap_v1`` (SCIENCE.md "Perplexity"):
+Definition ``token_nonoverlap_v1`` (docs/science.md#perplexity):
 
 1. **Text.** The evaluation sentences, in order, joined with :data:`SEPARATOR` (a newline).
    With a token budget ``B > 0`` the text is the *shortest prefix of whole sentences* whose
