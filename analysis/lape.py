@@ -20,12 +20,15 @@ selection code):
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from analysis.iou import parse_module_name
@@ -108,6 +111,24 @@ class ActivationCounter:
                 f"no tokens counted for language {self.languages[lang]!r} at layer {layer}"
             )
         return self.over_zero.double() / self.tokens.double()[..., None]
+
+
+def save_counts(counter: ActivationCounter, path: str | os.PathLike[str]) -> None:
+    """Write the counts as safetensors (``over_zero``, ``tokens``; languages in the metadata).
+
+    The one writer of a LAPE counts file (per run, dense, and in the dense cache).
+    """
+    save_file({"over_zero": counter.over_zero, "tokens": counter.tokens}, path,
+              metadata={"languages": json.dumps(list(counter.languages))})
+
+
+def load_counts(path: str | os.PathLike[str], languages: Sequence[str]) -> ActivationCounter:
+    """The counter :func:`save_counts` wrote, over ``languages`` (in the file's order)."""
+    counts = load_file(str(path))
+    _, n_layers, n_neurons = counts["over_zero"].shape
+    counter = ActivationCounter(languages, n_layers, n_neurons)
+    counter.over_zero, counter.tokens = counts["over_zero"], counts["tokens"]
+    return counter
 
 
 def lape_scores(p: Tensor) -> Tensor:
