@@ -131,6 +131,17 @@ def load_counts(path: str | os.PathLike[str], languages: Sequence[str]) -> Activ
     return counter
 
 
+def counts_file_scores(path: str | os.PathLike[str]) -> Tensor:
+    """LAPE scores ``[layers, neurons]`` of the counts in a :func:`save_counts` file.
+
+    p is over_zero / tokens as in :meth:`ActivationCounter.probabilities`, without its check
+    that every language reached every layer (a report shows what the file holds).
+    """
+    counts = load_file(str(path))
+    p = counts["over_zero"].double() / counts["tokens"].double()[..., None]
+    return lape_scores(p)
+
+
 def lape_scores(p: Tensor) -> Tensor:
     """LAPE of every neuron.
 

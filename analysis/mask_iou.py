@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -19,23 +18,9 @@ from tqdm.auto import tqdm
 
 from analysis import iou as I
 from analysis import plots
+from analysis.keys import SweepRun
 from pipeline.errors import LangpruneError
 from pipeline.masks import PackedMask, read_metadata
-
-
-class SweepRun(Protocol):
-    """A pruned run of a sweep as the IoU needs it (e.g. :class:`tracking.runs_table.Member`)."""
-
-    @property
-    def run_id(self) -> str: ...
-    @property
-    def method(self) -> str: ...
-    @property
-    def calib_lang(self) -> str: ...
-    @property
-    def calib_set(self) -> int: ...
-    @property
-    def params(self) -> Mapping[str, str]: ...
 
 
 class LazyPackedMasks(Mapping[str, PackedMask]):

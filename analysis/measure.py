@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,25 +20,13 @@ from torch import Tensor
 from analysis import lape as LP
 from analysis import lsar as LS
 from analysis import snr as S
+from analysis.keys import RunKeys
 from analysis.neurons import NeuronCounter
 from analysis.passes import Engine, pooled_states, snr_pass
 from analysis.reference import DenseReference
 from analysis.text import AnalysisText
 from pipeline.config import Config
 from pipeline.masks import PackedMask
-
-
-class RunKeys(Protocol):
-    """What identifies a pruned run (e.g. :class:`tracking.runs_table.Member`)."""
-
-    @property
-    def run_id(self) -> str: ...
-    @property
-    def method(self) -> str: ...
-    @property
-    def calib_lang(self) -> str: ...
-    @property
-    def calib_set(self) -> int: ...
 
 
 @dataclass(eq=False)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,9 +70,6 @@ class PerplexityResult:
     n_bytes: int
     n_sentences: int
     definition: str = DEFINITION
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def start_token_id(tokenizer: Any) -> int:
