@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import report_inputs as RI
+from analysis import report_tables as RI
 from analysis.lape import counts_file_scores
 from analysis.report import ReportInputs, build_report
 from pipeline.config import Config, split_list
