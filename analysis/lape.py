@@ -32,14 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from analysis.iou import parse_module_name
+from analysis.neurons import FFN_LAYOUTS
 from pipeline.errors import LangpruneError
 from pipeline.registry import suggest
 
 Neuron = tuple[int, int]  # (layer, neuron index)
-# Gated MLP (Llama, Gemma, Qwen2, Mistral, Cohere): neuron j owns row j of these [inter, d]
-# projections and column j of the [d, inter] down projection.
-GATED_ROWS = ("gate_proj", "up_proj")
-GATED_COLS = ("down_proj",)
+# Gated MLP (Llama, Gemma, Qwen2, Mistral, Cohere), the first row of the adapter table
+# analysis.neurons.FFN_LAYOUTS: neuron j owns row j of the [inter, d] gate/up projections and
+# column j of the [d, inter] down projection.
+GATED_ROWS = FFN_LAYOUTS[0].rows
+GATED_COLS = FFN_LAYOUTS[0].cols
 
 
 class ActivationCounter:

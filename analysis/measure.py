@@ -42,6 +42,8 @@ class Context:
         dense_states: Language -> dense states at each layer boundary (for SNR).
         dense_selection: Language-specific neurons of the dense model.
         cache_folder: Where the dense reference is cached.
+        timings: Seconds spent loading the model (``load_s``) and on the dense side
+            (``dense_s``).
     """
 
     cfg: Config

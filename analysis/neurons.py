@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from analysis import lape as LP
 from pipeline.errors import LangpruneError
+
+if TYPE_CHECKING:
+    from analysis import lape as LP
 
 
 @dataclass(frozen=True)
