@@ -1,6 +1,6 @@
 """Mask overlap (IoU) between pruning masks, computed on bit-packed masks by popcount.
 
-Definitions (SCIENCE.md, "Mask overlap (IoU)"): for one weight matrix pruned in two runs,
+Definitions (docs/science.md#mask-overlap-iou): for one weight matrix pruned in two runs,
 IoU = |P_a intersect P_b| / |P_a union P_b| over the *pruned* positions (mask bit = 1).
 
 Masks arrive packed, one module at a time: ``np.packbits(flat_bool_mask, bitorder="little")``

@@ -1,6 +1,6 @@
 """LAPE: language activation probability entropy and language-specific FFN neurons.
 
-Definitions (SCIENCE.md, "LAPE"), after Tang et al., "Language-Specific Neurons: The Key to
+Definitions (docs/science.md#lape), after Tang et al., "Language-Specific Neurons: The Key to
 Multilingual Capabilities in Large Language Models", ACL 2024 (eq. 1-2 and their released
 selection code):
 
@@ -20,23 +20,28 @@ selection code):
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from analysis.iou import parse_module_name
+from analysis.neurons import FFN_LAYOUTS
 from pipeline.errors import LangpruneError
 from pipeline.registry import suggest
 
 Neuron = tuple[int, int]  # (layer, neuron index)
-# Gated MLP (Llama, Gemma, Qwen2, Mistral, Cohere): neuron j owns row j of these [inter, d]
-# projections and column j of the [d, inter] down projection.
-GATED_ROWS = ("gate_proj", "up_proj")
-GATED_COLS = ("down_proj",)
+# Gated MLP (Llama, Gemma, Qwen2, Mistral, Cohere), the first row of the adapter table
+# analysis.neurons.FFN_LAYOUTS: neuron j owns row j of the [inter, d] gate/up projections and
+# column j of the [d, inter] down projection.
+GATED_ROWS = FFN_LAYOUTS[0].rows
+GATED_COLS = FFN_LAYOUTS[0].cols
 
 
 class ActivationCounter:
@@ -108,6 +113,35 @@ class ActivationCounter:
                 f"no tokens counted for language {self.languages[lang]!r} at layer {layer}"
             )
         return self.over_zero.double() / self.tokens.double()[..., None]
+
+
+def save_counts(counter: ActivationCounter, path: str | os.PathLike[str]) -> None:
+    """Write the counts as safetensors (``over_zero``, ``tokens``; languages in the metadata).
+
+    The one writer of a LAPE counts file (per run, dense, and in the dense cache).
+    """
+    save_file({"over_zero": counter.over_zero, "tokens": counter.tokens}, path,
+              metadata={"languages": json.dumps(list(counter.languages))})
+
+
+def load_counts(path: str | os.PathLike[str], languages: Sequence[str]) -> ActivationCounter:
+    """The counter :func:`save_counts` wrote, over ``languages`` (in the file's order)."""
+    counts = load_file(str(path))
+    _, n_layers, n_neurons = counts["over_zero"].shape
+    counter = ActivationCounter(languages, n_layers, n_neurons)
+    counter.over_zero, counter.tokens = counts["over_zero"], counts["tokens"]
+    return counter
+
+
+def counts_file_scores(path: str | os.PathLike[str]) -> Tensor:
+    """LAPE scores ``[layers, neurons]`` of the counts in a :func:`save_counts` file.
+
+    p is over_zero / tokens as in :meth:`ActivationCounter.probabilities`, without its check
+    that every language reached every layer (a report shows what the file holds).
+    """
+    counts = load_file(str(path))
+    p = counts["over_zero"].double() / counts["tokens"].double()[..., None]
+    return lape_scores(p)
 
 
 def lape_scores(p: Tensor) -> Tensor:

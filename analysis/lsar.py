@@ -1,6 +1,6 @@
 """LSAR: language-specific and language-agnostic subspaces of hidden states (Xie et al. 2022).
 
-Definitions (SCIENCE.md, "LSAR"): stack the per-language mean hidden states of one layer as
+Definitions (docs/science.md#lsar): stack the per-language mean hidden states of one layer as
 the columns of M (d x L). With centroid c = M 1 / L, keep the rank r = L - 1 SVD of
 M - c 1^T, M' = c 1^T + U_r S_r V_r^T; re-estimate the shared direction
 c~ = pinv(M')^T 1, scaled to c~ / ||c~||^2; the language-specific subspace is spanned by the
@@ -85,7 +85,7 @@ def fit_lsar(means: Tensor, rank: int | None = None, languages: Sequence[str] = 
 
     Args:
         means: M, [d, L]: column k is the mean (pooled) hidden state of language k.
-        rank: r; defaults to L - 1 (SCIENCE.md). Must satisfy 1 <= r <= min(L - 1, d).
+        rank: r; defaults to L - 1 (docs/science.md#lsar). Must satisfy 1 <= r <= min(L - 1, d).
         languages: Names of the L columns, stored with the basis.
 
     Returns:

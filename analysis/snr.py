@@ -1,6 +1,6 @@
 """Signal-to-noise ratio of the pruning error: SNR_dB = 10 log10(||Y||^2 / ||Y - Y'||^2).
 
-Definitions (SCIENCE.md, "Signal-to-noise ratio of the pruning error"): Y is the dense output
+Definitions (docs/science.md#snr-of-the-pruning-error): Y is the dense output
 of a module or decoder layer and Y' the pruned output on evaluation-language text. *local*:
 both get the same dense input; *accumulated*: each model runs on its own hidden states.
 

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from jobs.artifacts import record_eval, record_prune, record_start
 from pipeline import stages
 from pipeline.config import CalibCfg, Config
 from pipeline.errors import LangpruneError
 from tracking import params as P
 from tracking import runs as R
-from tracking.logging import log_eval, log_prune, log_run_start
 
 if TYPE_CHECKING:
     from pipeline.loading import ModelProbe
@@ -153,10 +153,10 @@ def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tu
     run = (R.attach_or_create(exp_id, name, tags) if entry_point == "dense"
            else R.TrackedRun(R.new_run(exp_id, name, tags)))
     with R.run_guard(run):
-        log_run_start(run, cfg, dense=True)
+        record_start(run, cfg, dense=True)
         report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
                                  loaded.max_length)
-        log_eval(run, cfg, report, dense=None)
+        record_eval(run, cfg, report, dense=None)
         run.log_metrics(_peak_memory(loaded.device))
         run.finish()
     print(f"dense baseline run {run.run_id} ({name})")
@@ -188,7 +188,7 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
     tags = {**P.run_tags(cfg, "pruned", "pending", entry_point), **(extra_tags or {})}
     run = R.attach_or_create(exp_id, name, tags, parent=parent_run_id)
     with R.run_guard(run):
-        log_run_start(run, cfg, dense=False)
+        record_start(run, cfg, dense=False)
         run.start_system_metrics()
         loaded = loaded or _load(cfg)
         run.set_tags({P.TAG_DEVICE: str(loaded.device), **numerics_tags(cfg, loaded.device)})
@@ -202,10 +202,10 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
         t0 = time.perf_counter()
         result = stages.prune(cfg, loaded.model, calib.windows, loaded.device)
         prune_s = time.perf_counter() - t0
-        log_prune(run, cfg, calib, result, prune_s, Path(cfg.run.output_dir) / run.run_id)
+        record_prune(run, cfg, calib, result, prune_s, Path(cfg.run.output_dir) / run.run_id)
         report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
                                  loaded.max_length)
-        metrics = log_eval(run, cfg, report, dense=dense_ppl)
+        metrics = record_eval(run, cfg, report, dense=dense_ppl)
         run.log_metrics(_peak_memory(loaded.device))
         run.finish()
     print(f"finished run {run.run_id} ({name})")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
-from analysis.report import RUN_KEYS, ReportInputs, build_report
+from analysis import report_tables as RI
+from analysis.lape import counts_file_scores
+from analysis.report import ReportInputs, build_report
 from pipeline.config import Config, split_list
 from pipeline.errors import LangpruneError
 from tracking import params as P
@@ -31,50 +32,18 @@ from tracking import runs_table as RT
 log = logging.getLogger(__name__)
 
 
-def _metrics_of(row: pd.Series) -> dict[str, float]:
-    """``metrics.<name>`` columns of a runs_frame row -> {name: value}, system metrics dropped."""
-    out = {}
-    for col, value in row.items():
-        name = str(col).removeprefix("metrics.")
-        if str(col).startswith("metrics.") and not name.startswith("system/") and pd.notna(value):
-            out[name] = float(value)
-    return out
-
-
-def runs_table(sweep: RT.Sweep, frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per member: run keys and its metrics (flat names)."""
-    by_id = {r["run_id"]: r for _, r in frame.iterrows()}
-    rows = []
-    for m in sweep.members:
-        rows.append({"run_id": m.run_id, "method": m.method, "calib_lang": m.calib_lang,
-                     "calib_set": m.calib_set, **_metrics_of(by_id[m.run_id])})
-    table = pd.DataFrame(rows)
-    metric_cols = sorted(c for c in table.columns if c not in RUN_KEYS)
-    return table[RUN_KEYS + metric_cols]
-
-
 def member_tables(sweep: RT.Sweep, path: str) -> pd.DataFrame | None:
     """A per-run analysis table of every member that has it, with the run keys prepended."""
-    parts = []
-    for m in sweep.members:
-        table = RT.read_csv_artifact(m.run_id, path)
-        if table is None:
-            continue
-        keys = {"run_id": m.run_id, "method": m.method, "calib_lang": m.calib_lang,
-                "calib_set": m.calib_set}
-        parts.append(table.assign(**keys)[RUN_KEYS + list(table.columns)])
-    return pd.concat(parts, ignore_index=True) if parts else None
+    tables = [(m, t) for m in sweep.members
+              if (t := RT.read_csv_artifact(m.run_id, path)) is not None]
+    return RI.stack_member_tables(tables)
 
 
 def _lape_scores(run_id: str, path: str, dst: Path) -> np.ndarray | None:
-    from analysis.lape import lape_scores
-
     local = RT.download_artifact(run_id, path, dst / run_id)
     if local is None:
         return None
-    counts = load_file(str(local))
-    p = counts["over_zero"].double() / counts["tokens"].double()[..., None]
-    return lape_scores(p).numpy().reshape(-1)
+    return counts_file_scores(local).numpy().reshape(-1)
 
 
 def iou_inputs(sweep: RT.Sweep) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
@@ -83,10 +52,7 @@ def iou_inputs(sweep: RT.Sweep) -> tuple[dict[str, pd.DataFrame], pd.DataFrame |
     for method in sorted({m.method for m in sweep.members}):
         table = RT.read_csv_artifact(sweep.run_id, f"{RT.IOU_DIR}/matrix_{method}.csv")
         if table is not None:
-            matrix = table.set_index("lang_a").astype(float)
-            matrix.index = matrix.index.astype(str)
-            matrix.index.name, matrix.columns.name = "lang_a", "lang_b"
-            matrices[method] = matrix
+            matrices[method] = RI.iou_matrix(table)
     return matrices, RT.read_csv_artifact(sweep.run_id, f"{RT.IOU_DIR}/summary.csv")
 
 
@@ -94,7 +60,7 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
     """Everything :func:`analysis.report.build_report` needs, from the store alone."""
     frame = RT.runs_frame(parent_run_id=sweep.run_id)
     dense_rows = frame[frame["run_id"] == sweep.dense_run]
-    dense = _metrics_of(dense_rows.iloc[0]) if len(dense_rows) else {}
+    dense = RI.metrics_of(dense_rows.iloc[0]) if len(dense_rows) else {}
     scores = {}
     if (dense_scores := _lape_scores(sweep.run_id, RT.DENSE_LAPE_COUNTS, workdir)) is not None:
         scores["dense"] = dense_scores
@@ -104,7 +70,7 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
     iou, iou_summary = iou_inputs(sweep)
     return ReportInputs(
         sweep_run=sweep.run_id,
-        runs=runs_table(sweep, frame),
+        runs=RI.runs_table(sweep.members, frame),
         dense=dense,
         eval_langs=split_list(sweep.params.get("eval_langs", "")),
         tasks=split_list(sweep.params.get("tasks", "")),

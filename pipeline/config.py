@@ -393,7 +393,7 @@ class AnalysisCfg:
     sweep_run: str = ""  # the sweep parent run to analyse/report; "" = the newest sweep
     analysis_tokens: int = 1024  # FLORES tokens per language for SNR / LSAR / LAPE
     analysis_seq_len: int = 256  # window length for those passes
-    lsar_pooling: str = "last"  # last | mean (SCIENCE.md: last-token by default)
+    lsar_pooling: str = "last"  # last | mean (docs/science.md#lsar: last-token by default)
     lape_top_rate: float = 0.01  # keep the lowest 1% LAPE
     lape_filter_quantile: float = 0.95  # activation-probability filter
     report_dir: str = "reports"  # where `report` writes its files (also logged to MLflow)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from pipeline.errors import LangpruneError
@@ -18,18 +18,11 @@ def suggest(name: str, known: list[str], n: int = 3) -> str:
 
 
 class Registry(Generic[T]):
-    """Maps names to objects. Registration is explicit: a decorator or :meth:`add`."""
+    """Maps names to objects. Registration is explicit: :meth:`add`."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
-
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
-            self.add(name, obj)
-            return obj
-
-        return deco
 
     def add(self, name: str, obj: T) -> None:
         if name in self._items:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,13 +249,3 @@ def read_csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:
         local = download_artifact(run_id, path, tmp)
         return None if local is None else pd.read_csv(local, keep_default_na=False,
                                                       na_values=["", "NaN", "nan"])
-
-
-def collect_tables(run_ids: Iterable[str], path: str) -> dict[str, pd.DataFrame]:
-    """The CSV artifact ``path`` of every run that has it, by run id."""
-    tables = {}
-    for run_id in run_ids:
-        table = read_csv_artifact(run_id, path)
-        if table is not None:
-            tables[run_id] = table
-    return tables

@@ -1,6 +1,6 @@
 """The calibration sampler: a :class:`CalibCfg` and a tokenizer -> reproducible token windows.
 
-Definition (SCIENCE.md, "Calibration data"), named ``nonoverlap_grid_v1`` in the manifest:
+Definition (docs/science.md#calibration-data), named ``nonoverlap_grid_v1`` in the manifest:
 
 1. Each language's corpus (``calib_source``) is tokenized document by document without
    special tokens, and the documents are concatenated in source order, separated by the

@@ -1,6 +1,6 @@
 """Perplexity and bits per byte of one language's evaluation text: one definition.
 
-Definition ``token_nonoverlap_v1`` (SCIENCE.md "Perplexity"):
+Definition ``token_nonoverlap_v1`` (docs/science.md#perplexity):
 
 1. **Text.** The evaluation sentences, in order, joined with :data:`SEPARATOR` (a newline).
    With a token budget ``B > 0`` the text is the *shortest prefix of whole sentences* whose
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,9 +70,6 @@ class PerplexityResult:
     n_bytes: int
     n_sentences: int
     definition: str = DEFINITION
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def start_token_id(tokenizer: Any) -> int:

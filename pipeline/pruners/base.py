@@ -58,11 +58,6 @@ class SparsityTarget:
         n, m = parse_nm(pattern)
         return cls(sparsity=sparsity, n=n, m=m)
 
-    @property
-    def structured(self) -> bool:
-        """True for an N:M pattern."""
-        return self.m > 0
-
     def describe(self) -> str:
         """Short label such as ``'50%'`` or ``'2:4'``."""
         return f"{self.n}:{self.m}" if self.m else f"{self.sparsity:.0%}"

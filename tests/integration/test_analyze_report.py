@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 import jobs.analyze as A
 from analysis import report as AR
+from analysis import text as T
 from analysis.snr import snr_db
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
@@ -114,7 +115,7 @@ def _windows(env) -> dict[str, torch.Tensor]:
     from pipeline.data.sources import load_eval_sentences
 
     tok = AutoTokenizer.from_pretrained(env["model_dir"])
-    return {lang: A.analysis_windows(tok, load_eval_sentences("flores", lang), 96, 48)
+    return {lang: T.analysis_windows(tok, load_eval_sentences("flores", lang), 96, 48)
             for lang in LANGS}
 
 

@@ -248,7 +248,8 @@ def _reference_sparsegpt(W, H, sparsity, blocksize, percdamp=0.01):
         Hinv1 = Hinv[i1:i2, i1:i2]
         tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
         # The original indexes [int(numel * sparsity)] and keeps "<=", pruning one weight more
-        # than the target per block; SCIENCE.md asks for the exact count, hence "- 1" here.
+        # than the target per block; docs/science.md#sparsegpt asks for the exact count,
+        # hence "- 1" here.
         thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity) - 1]
         mask1 = tmp <= thresh
         for i in range(i2 - i1):

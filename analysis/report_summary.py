@@ -1,0 +1,201 @@
+"""The report's summary: findings as sentences, sections as blocks, Markdown and HTML.
+
+Numbers are stated with fixed precision and sections come in a fixed order, so the same
+inputs give the same text.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from analysis.iou import random_iou_baseline
+from analysis.report_tables import (
+    Finding,
+    ReportInputs,
+    has_metric,
+    methods,
+    metric_matrix,
+    snr_layer_series,
+    target_findings,
+)
+
+Block = tuple[str, object]  # ("h1"|"h2"|"p", text) | ("ul", [text]) | ("img", (alt, file))
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+def finding_sentences(
+    findings: Sequence[Finding], what: str, spec: str, better_word: str
+) -> tuple[str, list[str]]:
+    """A count sentence, and bullets: where another language wins, and by how much the
+    target wins elsewhere (against the best other calibration language)."""
+    wins = [f.eval_lang for f in findings if f.target_best]
+    ties = [f.eval_lang for f in findings if f.tied]
+    detail = ", ".join(wins) + (f"; tied: {', '.join(ties)}" if ties else "")
+    head = (f"target-language calibration is {better_word} for {len(wins)} of {len(findings)} "
+            f"evaluation languages" + (f" ({detail})" if wins else ""))
+    others = [
+        f"{f.eval_lang}: calibrating on {f.best_lang} gives {what} {_fmt(f.best, spec)} vs "
+        f"{_fmt(f.target, spec)} with {f.eval_lang}"
+        for f in findings if not f.target_best
+    ]
+    margins = [
+        f"{f.eval_lang}: {what} {_fmt(f.target, spec)} with {f.eval_lang} vs "
+        f"{_fmt(f.other, spec)} with {f.other_lang}, the best other calibration language"
+        for f in findings if f.target_best and f.other_lang
+    ]
+    return head, others, margins
+
+
+def _metric_section(inputs: ReportInputs, prefix: str, title: str, better: str, spec: str,
+                    totals: dict[str, list[int]]) -> list[Block]:
+    blocks: list[Block] = [("h2", title)]
+    word = "best (ties included)"
+    for method in methods(inputs.runs):
+        matrix = metric_matrix(inputs.runs, method, prefix, list(inputs.eval_langs))
+        findings = target_findings(matrix, better)
+        head, others, margins = finding_sentences(findings, prefix, spec, word)
+        count = totals.setdefault(prefix if prefix == "ppl" else "tasks", [0, 0])
+        count[0] += sum(f.target_best for f in findings)
+        count[1] += len(findings)
+        tail = "; another language wins for:" if others else "."
+        blocks.append(("p", f"{method}: {head}{tail}"))
+        if others:
+            blocks.append(("ul", others))
+        if margins:
+            blocks += [("p", "Where the target language is best:"), ("ul", margins)]
+        image = f"{prefix}_{method}.png"
+        blocks.append(("img", (f"{title}, {method}", image)))
+    return blocks
+
+
+def _iou_section(inputs: ReportInputs) -> list[Block]:
+    if inputs.iou_summary is None or inputs.iou_summary.empty:
+        return [("h2", "Mask overlap (IoU)"), ("p", "No IoU yet: run `analyze`.")]
+    items = []
+    for row in inputs.iou_summary.sort_values("method").itertuples():
+        base = random_iou_baseline(inputs.sparsity.get(row.method, 0.5))
+        items.append(f"{row.method}: intra-language IoU {_fmt(row.intra, '.3f')} "
+                     f"({row.n_intra} pairs), inter-language {_fmt(row.inter, '.3f')} "
+                     f"({row.n_inter} pairs), random masks {base:.3f}")
+    blocks: list[Block] = [("h2", "Mask overlap (IoU)"), ("ul", items)]
+    blocks += [("img", (f"mask IoU, {m}", f"iou_{m}.png")) for m in sorted(inputs.iou)]
+    return blocks
+
+
+def _own_vs_other(
+    frame: pd.DataFrame, method: str, lang_col: str, value: str
+) -> tuple[float, float]:
+    """Mean ``value`` where calibration language == evaluation/neuron language, and elsewhere."""
+    rows = frame[frame["method"] == method]
+    own = rows[rows["calib_lang"] == rows[lang_col]][value]
+    other = rows[rows["calib_lang"] != rows[lang_col]][value]
+    mean = lambda s: float(s.mean()) if s.notna().any() else math.nan  # noqa: E731
+    return mean(own), mean(other)
+
+
+def _analysis_sections(inputs: ReportInputs) -> list[Block]:
+    blocks: list[Block] = []
+    if inputs.lsar is not None:
+        items = []
+        for m in sorted(set(inputs.lsar["method"])):
+            own_a, other_a = _own_vs_other(inputs.lsar, m, "eval_lang", "agnostic")
+            own_s, other_s = _own_vs_other(inputs.lsar, m, "eval_lang", "specific")
+            items.append(f"{m}: mean change of the agnostic part {_fmt(own_a, '.4g')} when "
+                         f"calibrating on the evaluation language vs {_fmt(other_a, '.4g')} "
+                         f"otherwise; specific part {_fmt(own_s, '.4g')} vs {_fmt(other_s, '.4g')}")
+        blocks += [("h2", "LSAR: language-agnostic and language-specific subspaces"), ("ul", items)]
+        blocks += [("img", (f"LSAR {p}, {m}", f"lsar_{p}_{m}.png"))
+                   for m in sorted(set(inputs.lsar["method"])) for p in ("agnostic", "specific")]
+    if inputs.lape is not None:
+        items = []
+        for m in sorted(set(inputs.lape["method"])):
+            own, other = _own_vs_other(inputs.lape, m, "lang", "removed_fraction")
+            jac = inputs.lape[inputs.lape["method"] == m]["jaccard"]
+            items.append(f"{m}: the mask removes {_fmt(own, '.3f')} of the weights of a "
+                         f"language's specific neurons when calibrating on that language vs "
+                         f"{_fmt(other, '.3f')} for other calibration languages; dense vs pruned "
+                         f"neuron sets overlap (Jaccard) {_fmt(float(jac.mean()), '.3f')} "
+                         "on average")
+        blocks += [("h2", "LAPE: language-specific neurons"), ("ul", items)]
+        blocks += [("img", (f"LAPE, {m}", f"lape_hist_{m}.png"))
+                   for m in sorted(set(inputs.lape["method"]))
+                   if "dense" in inputs.lape_scores]
+    if inputs.snr is not None:
+        blocks += [("h2", "SNR of the pruning error"), ("ul", _snr_items(inputs))]
+        blocks += [("img", (f"SNR, {m}", f"snr_accumulated_{m}.png"))
+                   for m in sorted(set(inputs.snr["method"]))]
+    return blocks
+
+
+def _snr_items(inputs: ReportInputs) -> list[str]:
+    items = []
+    for m in sorted(set(inputs.snr["method"])):
+        final = {c: v[-1] for c, v in snr_layer_series(inputs.snr, m, "accumulated").items() if v}
+        if not final:
+            continue
+        lo = min(final, key=lambda c: (final[c], c))
+        hi = max(final, key=lambda c: (final[c], c))
+        items.append(f"{m}: accumulated SNR after the last layer from {final[lo]:.2f} dB "
+                     f"(calibrated on {lo}) to {final[hi]:.2f} dB (on {hi})")
+    return items
+
+
+def summary_blocks(inputs: ReportInputs, title: str) -> list[Block]:
+    """The summary as blocks: headline counts first, then one section per analysis."""
+    totals: dict[str, list[int]] = {}
+    sections = _metric_section(inputs, "ppl", "Perplexity", "min", ".2f", totals)
+    for task in inputs.tasks:
+        if has_metric(inputs.runs, task, list(inputs.eval_langs)):
+            sections += _metric_section(inputs, task, f"Task {task}", "max", ".3f", totals)
+    headline = []
+    for key, label in (("ppl", "the lowest perplexity"), ("tasks", "the best task score")):
+        if key in totals and totals[key][1]:
+            won, total = totals[key]
+            headline.append(f"Target-language calibration gives {label} in {won} of {total} "
+                            f"(method, evaluation language{', task' if key == 'tasks' else ''}) "
+                            f"cases ({100 * won / total:.0f}%; ties count as best).")
+    return [("h1", title), ("p", f"Sweep run {inputs.sweep_run}."), ("h2", "Headline"),
+            ("ul", headline or ["No pruned runs with same-language calibration."]),
+            *sections, *_iou_section(inputs), *_analysis_sections(inputs)]
+
+
+def render_markdown(blocks: Sequence[Block], existing: set[str]) -> str:
+    """Markdown of the blocks; images only if their file was written."""
+    out = []
+    for kind, body in blocks:
+        if kind == "h1":
+            out.append(f"# {body}\n")
+        elif kind == "h2":
+            out.append(f"## {body}\n")
+        elif kind == "p":
+            out.append(f"{body}\n")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in body) + "\n")  # type: ignore[union-attr]
+        elif kind == "img" and body[1] in existing:  # type: ignore[index]
+            out.append(f"![{body[0]}]({body[1]})\n")  # type: ignore[index]
+    return "\n".join(out)
+
+
+def render_html(blocks: Sequence[Block], existing: set[str], title: str) -> str:
+    """A self-contained HTML page of the blocks (images by relative path), escaped."""
+    esc = html.escape
+    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">",
+           f"<title>{esc(title)}</title></head><body>"]
+    for kind, body in blocks:
+        if kind in ("h1", "h2", "p"):
+            out.append(f"<{kind}>{esc(str(body))}</{kind}>")
+        elif kind == "ul":
+            items = "".join(f"<li>{esc(i)}</li>" for i in body)  # type: ignore[union-attr]
+            out.append(f"<ul>{items}</ul>")
+        elif kind == "img" and body[1] in existing:  # type: ignore[index]
+            alt, src = body  # type: ignore[misc]
+            out.append(f"<p><img src=\"{esc(src)}\" alt=\"{esc(alt)}\"></p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
