@@ -97,6 +97,9 @@ def log_prune(run: TrackedRun, record: PruneRecord) -> None:
     run.log_table(layers, "tables/sparsity_layers.csv")
     run.set_tags({"langprune.masks_sha256": record.mask_sha256})
     run.log_step_metrics("sparsity.layer", dict(zip(layers["layer"], layers["sparsity"])))
+    if "target" in layers:  # per-layer targets (layer_sparsity=owl)
+        run.log_step_metrics("sparsity.layer_target",
+                             dict(zip(layers["layer"], layers["target"])))
     if "loss" in layers and layers["loss"].notna().any():
         run.log_step_metrics("sparsegpt_loss.layer",
                              dict(zip(layers["layer"], layers["loss"].fillna(0.0))))
