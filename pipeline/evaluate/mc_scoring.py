@@ -56,16 +56,25 @@ class Group:
     Attributes:
         prefix: The common input tokens.
         members: Indices into the request list.
-        total: Sum of the members' input lengths (for the grouping cost).
+        distinct: The members' distinct inputs (equal inputs, e.g. one-token choices of one
+            question, share one row of the second forward).
+        total: Sum of the lengths of the distinct inputs (for the grouping cost).
     """
 
     prefix: list[int]
     members: list[int] = field(default_factory=list)
+    distinct: set[tuple[int, ...]] = field(default_factory=set)
     total: int = 0
 
     def cost(self) -> int:
-        """Token-forwards: the prefix once, then each member's remaining tokens."""
-        return len(self.prefix) + self.total - len(self.members) * len(self.prefix)
+        """Token-forwards: the prefix once, then each distinct input's remaining tokens."""
+        return len(self.prefix) + self.total - len(self.distinct) * len(self.prefix)
+
+    def add(self, index: int, inp: list[int]) -> None:
+        self.members.append(index)
+        if tuple(inp) not in self.distinct:
+            self.distinct.add(tuple(inp))
+            self.total += len(inp)
 
 
 def model_input(context: list[int], continuation: list[int], max_length: int) -> list[int]:
@@ -103,12 +112,14 @@ def group_requests(inputs: list[list[int]], max_rows: int = _MAX_ROWS) -> list[G
         g = groups[-1] if groups else None
         if g is not None and len(g.members) < max_rows:
             p = _common_prefix(g.prefix, inp, len(g.prefix))
-            joined = p + g.total + len(inp) - (len(g.members) + 1) * p
+            new = tuple(inp) not in g.distinct
+            joined = p + g.total + new * len(inp) - (len(g.distinct) + new) * p
             if p > 0 and joined < g.cost() + len(inp):
-                g.prefix, g.total = g.prefix[:p], g.total + len(inp)
-                g.members.append(i)
+                g.prefix = g.prefix[:p]
+                g.add(i, inp)
                 continue
-        groups.append(Group(list(inp), [i], len(inp)))
+        groups.append(Group(list(inp)))
+        groups[-1].add(i, inp)
     return groups
 
 
@@ -129,10 +140,6 @@ def _batches(groups: list[Group], inputs: list[list[int]], conts: list[list[int]
         out[-1].append(g)
         scored += n
     return out
-
-
-def _logprob_rows(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1)
 
 
 def score(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, max_length: int,
@@ -171,67 +178,106 @@ def _score_batch(model: nn.Module, batch: list[Group], inputs: list[list[int]],
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     keep = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, g in enumerate(batch):
+    for r, g in enumerate(batch):
         off = width - len(g.prefix)
-        ids[row, off:] = torch.tensor(g.prefix)
-        mask[row, off:] = 1
+        ids[r, off:] = torch.tensor(g.prefix)
+        mask[r, off:] = 1
         first = min(_scored_start(inputs[m], conts[m]) for m in g.members)
-        keep[row, off + first:] = True  # scored by some member, inside the prefix
+        keep[r, off + first:] = True  # scored by some member, inside the prefix
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    rows = [(r, m) for r, g in enumerate(batch) for m in g.members if len(inputs[m]) > len(g.prefix)]
+    rows = _tail_rows(batch, inputs)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                 position_ids=pos.to(device), use_cache=bool(rows), logits_to_keep=keep.to(device))
-    prefix_lp = _logprob_rows(out.logits)  # [kept prefix positions, V], row-major over keep
-    # (row, position) -> index into prefix_lp
-    where = {(int(r), int(p) - (width - len(batch[int(r)].prefix))): k
-             for k, (r, p) in enumerate(keep.nonzero().tolist())}
-    suffix_lp, suffix_at = _suffix_pass(model, batch, rows, inputs, conts, out, mask, pad_id,
-                                        device) if rows else (None, {})
-    answers = {}
+    # (group row, prefix position) -> row of out.logits (row-major over keep)
+    at = {(r, p - (width - len(batch[r].prefix))): k
+          for k, (r, p) in enumerate(keep.nonzero().tolist())}
+    sources = [_Scored(out.logits, at)]
+    if rows:
+        sources.append(_suffix_pass(model, batch, rows, inputs, conts, out.cache, mask, pad_id))
+    picks: list[tuple[int, int, int, int]] = []  # (member, source, logits row, target)
     for r, g in enumerate(batch):
         for m in g.members:
-            lps = []
+            start = _scored_start(inputs[m], conts[m])
             for t, tok in enumerate(conts[m]):
-                p = _scored_start(inputs[m], conts[m]) + t
+                p = start + t
                 if p < len(g.prefix):
-                    lps.append(prefix_lp[where[(r, p)]])
+                    picks.append((m, 0, sources[0].at[(r, p)], tok))
                 else:
-                    lps.append(suffix_lp[suffix_at[(m, p - len(g.prefix))]])
-            answers[m] = _answer(torch.stack(lps), conts[m])
-    return answers
+                    picks.append((m, 1, sources[1].at[(rows[(r, tuple(inputs[m]))], p)], tok))
+    return _answers(picks, sources)
 
 
-def _suffix_pass(model: nn.Module, batch: list[Group], rows: list[tuple[int, int]],
-                 inputs: list[list[int]], conts: list[list[int]], out, prefix_mask: torch.Tensor,
-                 pad_id: int, device: torch.device) -> tuple[torch.Tensor, dict[tuple[int, int], int]]:
-    """Second forward: each member's tokens after its group's prefix, on the selected cache."""
-    tails = [inputs[m][len(batch[r].prefix):] for r, m in rows]
-    width = max(len(t) for t in tails)
+@dataclass
+class _Scored:
+    """Logits of the kept positions of one forward and where each position's row is."""
+
+    logits: torch.Tensor  # [kept positions, V]
+    at: dict[tuple[int, int], int]
+
+
+def _tail_rows(batch: list[Group], inputs: list[list[int]]) -> dict[tuple[int, tuple], int]:
+    """(group row, distinct input longer than the prefix) -> row of the second forward."""
+    rows: dict[tuple[int, tuple], int] = {}
+    for r, g in enumerate(batch):
+        for m in g.members:
+            if len(inputs[m]) > len(g.prefix):
+                rows.setdefault((r, tuple(inputs[m])), len(rows))
+    return rows
+
+
+def _suffix_pass(model: nn.Module, batch: list[Group], rows: dict[tuple[int, tuple], int],
+                 inputs: list[list[int]], conts: list[list[int]], cache,
+                 prefix_mask: torch.Tensor, pad_id: int) -> _Scored:
+    """Second forward: each distinct input's tokens after its group's prefix, on the cache."""
+    device = model.get_input_embeddings().weight.device
+    width = max(len(inp) - len(batch[r].prefix) for r, inp in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     keep = torch.zeros((len(rows), width), dtype=torch.bool)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ((r, m), tail) in enumerate(zip(rows, tails, strict=True)):
-        ids[i, : len(tail)] = torch.tensor(tail)
-        plen = len(batch[r].prefix)
-        pos[i] = plen + torch.arange(width)
-        start = max(0, _scored_start(inputs[m], conts[m]) - plen)
-        keep[i, start : len(tail)] = True
-    select = torch.tensor([r for r, _ in rows])
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    first = {}
+    for r, g in enumerate(batch):
+        for m in g.members:
+            key = (r, tuple(inputs[m]))
+            if key in rows:
+                first[key] = min(first.get(key, len(inputs[m])), _scored_start(inputs[m], conts[m]))
+    select = torch.zeros(len(rows), dtype=torch.long)
+    plen = torch.zeros((len(rows), 1), dtype=torch.long)
+    for (r, inp), i in rows.items():
+        n = len(batch[r].prefix)
+        ids[i, : len(inp) - n] = torch.tensor(inp[n:])
+        keep[i, max(0, first[(r, inp)] - n) : len(inp) - n] = True
+        select[i], plen[i] = r, n
     cache.batch_select_indices(select.to(device))
     mask = torch.cat([prefix_mask[select], torch.ones((len(rows), width), dtype=torch.long)], 1)
+    pos = plen + torch.arange(width)
     res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                 position_ids=pos.to(device), cache=cache, use_cache=True,
                 logits_to_keep=keep.to(device))
-    at = {(rows[int(i)][1], int(p)): k for k, (i, p) in enumerate(keep.nonzero().tolist())}
-    return _logprob_rows(res.logits), at
+    back = {i: r for (r, _), i in rows.items()}
+    # (row, position after its prefix) -> logits row; keyed by prefix position for lookups
+    at = {(i, p + len(batch[back[i]].prefix)): k for k, (i, p) in enumerate(keep.nonzero().tolist())}
+    return _Scored(res.logits, at)
 
 
-def _answer(logprobs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
-    """Sum of the targets' log-probabilities and whether each target is the argmax."""
-    target = torch.tensor(continuation, device=logprobs.device)
-    picked = logprobs.gather(1, target[:, None]).squeeze(1)
-    return float(picked.sum()), bool((logprobs.argmax(dim=-1) == target).all())
+def _answers(picks: list[tuple[int, int, int, int]],
+             sources: list[_Scored]) -> dict[int, tuple[float, bool]]:
+    """Sum each member's target log-probabilities; greedy when every target is the argmax."""
+    loglik: dict[int, float] = {}
+    greedy: dict[int, bool] = {}
+    for s, src in enumerate(sources):
+        sel = [(m, k, tok) for m, source, k, tok in picks if source == s]
+        if not sel:
+            continue
+        # log_softmax, as HFLM: torch.logsumexp rounds differently (up to 6e-5 nats per
+        # position over Gemma's 262k-token vocabulary, 1e-3 over an XNLI sentence).
+        logprobs = F.log_softmax(src.logits.float(), dim=-1)
+        rows = torch.tensor([k for _, k, _ in sel], device=logprobs.device)
+        toks = torch.tensor([t for _, _, t in sel], device=logprobs.device)
+        values = logprobs[rows, toks].double().tolist()
+        hits = (logprobs.argmax(dim=-1)[rows] == toks).tolist()
+        for (m, _, _), v, h in zip(sel, values, hits, strict=True):
+            loglik[m] = loglik.get(m, 0.0) + v
+            greedy[m] = greedy.get(m, True) and h
+    return {m: (loglik[m], greedy[m]) for m in loglik}
 
 
 @torch.inference_mode()
@@ -264,7 +310,10 @@ def reference_score(model: nn.Module, requests: list[tuple[list[int], list[int]]
     for context, continuation in requests:
         ids = torch.tensor([context + continuation[:-1]], device=device)
         logits = model(input_ids=ids, use_cache=False).logits[0, -len(continuation):]
-        out.append(_answer(F.log_softmax(logits.float(), dim=-1), continuation))
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(continuation, device=device)
+        picked = logprobs.gather(1, target[:, None]).squeeze(1)
+        out.append((float(picked.sum()), bool((logprobs.argmax(dim=-1) == target).all())))
     return out
 
 
