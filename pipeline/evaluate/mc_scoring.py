@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # Bound on the scored positions of one batch: 256 x 262k float32 log-probabilities = 256 MiB.
 _LOGPROB_BYTES = 1 << 28
 _MAX_ROWS = 64  # requests per group (rows of its second forward)
+# Token-forwards a join must save: below this, sharing a short prefix (say BOS) is not worth
+# a longer second forward, and it would shrink the prefix the next requests could share.
+_JOIN_MARGIN = 8
 _PROBE_TOL = 1e-4  # float32 probe; relative to the logits' magnitude
 
 
@@ -104,7 +107,8 @@ def group_requests(inputs: list[list[int]], max_rows: int = _MAX_ROWS) -> list[G
     """Groups of requests sharing an input prefix, chosen greedily in sorted order.
 
     A request joins the last group when the group's (possibly shorter) common prefix plus
-    every member's remaining tokens costs fewer token-forwards than keeping it apart.
+    every distinct input's remaining tokens costs at least :data:`_JOIN_MARGIN` fewer
+    token-forwards than keeping it apart (an equal input always joins).
     """
     groups: list[Group] = []
     for i in sorted(range(len(inputs)), key=lambda i: inputs[i]):
@@ -114,7 +118,7 @@ def group_requests(inputs: list[list[int]], max_rows: int = _MAX_ROWS) -> list[G
             p = _common_prefix(g.prefix, inp, len(g.prefix))
             new = tuple(inp) not in g.distinct
             joined = p + g.total + new * len(inp) - (len(g.distinct) + new) * p
-            if p > 0 and joined < g.cost() + len(inp):
+            if p > 0 and (not new or joined + _JOIN_MARGIN <= g.cost() + len(inp)):
                 g.prefix = g.prefix[:p]
                 g.add(i, inp)
                 continue
