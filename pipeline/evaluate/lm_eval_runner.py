@@ -11,6 +11,12 @@ adds our task YAMLs for the bundled data. Task names:
 
 Names are checked by :func:`validate_tasks` before any heavy work. Every run is offline
 for the bundled tasks: their loaders read ``data/`` (see ``tasks/utils.py``).
+
+Scoring: ``scorer="fast"`` (default) wraps the model in
+:class:`pipeline.evaluate.fast_lm.FastMCLM` (an HFLM that computes shared prompt prefixes
+once and the output layer only where scored; same numbers); ``scorer="hflm"`` uses plain
+HFLM. Per-document outcomes come back as :attr:`TaskResults.records`
+(:mod:`pipeline.evaluate.doc_records`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ BUNDLED: MappingProxyType[str, str] = MappingProxyType(
     {"sib200": "sib200", "xnli": "xnli_dev", "belebele": "belebele"}
 )
 _TASK_VERSION = "1.0"
+SCORERS = ("fast", "hflm")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class TaskResults:
     scores: dict[str, float]
     results_json: dict[str, Any]
     skipped: list[str] = field(default_factory=list)
+    # pandas DataFrame of per-document outcomes (doc_records.COLUMNS); None when not asked.
+    records: Any = None
 
 
 def task_name(suite: str, lang: str) -> str:
@@ -151,6 +160,24 @@ def _lm_eval_task_names() -> tuple[str, ...]:
     return tuple(_task_manager(include_defaults=True).all_tasks)
 
 
+def make_lm(model: Any, tokenizer: Any, *, scorer: str = "fast", batch_size: int = 1,
+            device: torch.device | str | None = None, max_length: int | None = None) -> Any:
+    """The lm-eval model wrapper for ``scorer``: ``"fast"`` (FastMCLM) or ``"hflm"`` (HFLM).
+
+    Raises:
+        LangpruneError: for an unknown scorer name.
+    """
+    if scorer not in SCORERS:
+        raise LangpruneError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}"
+                             f"{suggest(scorer, list(SCORERS))}")
+    if scorer == "fast":
+        from pipeline.evaluate.fast_lm import FastMCLM as lm_class
+    else:
+        from lm_eval.models.huggingface import HFLM as lm_class
+    return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                    device=str(device) if device is not None else None, max_length=max_length)
+
+
 def run_tasks(
     model: Any,
     tokenizer: Any,
@@ -163,6 +190,8 @@ def run_tasks(
     device: torch.device | str | None = None,
     max_length: int | None = None,
     seed: int = 0,
+    scorer: str = "fast",
+    records: bool = True,
 ) -> TaskResults:
     """Run lm-eval tasks on an in-memory model.
 
@@ -171,41 +200,95 @@ def run_tasks(
         tokenizer: Its tokenizer.
         tasks: Bundled suite names and/or lm-eval task names.
         langs: Evaluation languages (for the bundled suites).
-        limit: Documents per task (the first ``limit``); None = all.
+        limit: Documents per task (the first ``limit``); None = all. A limit above a
+            task's document count uses all of them (one warning names those tasks).
         num_fewshot: Few-shot examples per prompt.
-        batch_size: Requests per forward pass.
+        batch_size: Requests per forward pass (HFLM); groups of requests sharing a prompt
+            per forward pass (fast scorer).
         device: The model's device (lm-eval reads it from the model; logged only).
         max_length: Longest input in tokens; None = from the model config.
         seed: lm-eval's random, numpy, torch and few-shot seeds.
+        scorer: ``"fast"`` (shared-prefix scoring, the default) or ``"hflm"`` (plain HFLM);
+            both give the same log-likelihoods up to float rounding.
+        records: Also return per-document records (multiple-choice tasks); every such task
+            must have a per-document id (checked before any forward pass).
 
     Returns:
-        Flat scores, the full results JSON and the skipped task x language pairs.
+        Flat scores, the full results JSON (without the logged samples), the skipped task x
+        language pairs and, with ``records``, the per-document DataFrame.
+
+    Raises:
+        LangpruneError: unknown task or scorer; with ``records``, a multiple-choice task
+            whose documents carry no id.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     plan = validate_tasks(tasks, langs)
-    if not plan.names:
-        return TaskResults({}, {}, plan.skipped)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              device=str(device) if device is not None else None, max_length=max_length)
-    log.info("lm-eval: %d tasks, limit %s, %d-shot", len(plan.names), limit, num_fewshot)
+    lm = make_lm(model, tokenizer, scorer=scorer, batch_size=batch_size, device=device,
+                 max_length=max_length) if plan.names else None
+    if lm is None:
+        return TaskResults({}, {}, plan.skipped, _empty_records() if records else None)
+    manager = _task_manager(include_defaults=plan.needs_defaults)
+    log.info("lm-eval: %d tasks, limit %s, %d-shot, %s scorer", len(plan.names), limit,
+             num_fewshot, scorer)
     with _quiet_custom_dataset_notice(), _task_data_errors(plan.names):
+        if records:
+            _check_doc_ids(manager, plan.names)
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=plan.names,
             num_fewshot=num_fewshot,
             limit=limit,
             bootstrap_iters=0,
-            log_samples=False,
-            task_manager=_task_manager(include_defaults=plan.needs_defaults),
+            log_samples=records,
+            task_manager=manager,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
-    results_json = _json_clean(results or {})
-    return TaskResults(flatten_scores(results_json, plan.keys), results_json, plan.skipped)
+    results = results or {}
+    samples = results.pop("samples", None) or {}
+    results_json = _json_clean(results)
+    _warn_limit_above_docs(results_json, limit)
+    frame = None
+    if records:
+        from pipeline.evaluate.doc_records import records_frame
+
+        types = {n: c.get("output_type", "") for n, c in results_json.get("configs", {}).items()}
+        frame = records_frame(samples, plan.keys, types)
+    return TaskResults(flatten_scores(results_json, plan.keys), results_json, plan.skipped, frame)
+
+
+def _empty_records() -> Any:
+    import pandas as pd
+
+    from pipeline.evaluate.doc_records import COLUMNS
+
+    return pd.DataFrame(columns=list(COLUMNS))
+
+
+def _check_doc_ids(manager: Any, names: list[str]) -> None:
+    """Refuse, before any forward pass, a multiple-choice task whose documents have no id."""
+    from pipeline.evaluate.doc_records import doc_uid
+
+    for name, task in manager.load(names)["tasks"].items():
+        if task.OUTPUT_TYPE != "multiple_choice":
+            continue
+        docs = task.eval_docs
+        if len(docs):
+            doc_uid(name, docs[0])
+
+
+def _warn_limit_above_docs(results_json: dict[str, Any], limit: int | float | None) -> None:
+    """One warning line naming every task with fewer documents than ``limit``."""
+    if limit is None or limit < 1:  # lm-eval reads a limit below 1 as a fraction
+        return
+    short = {name: n["original"] for name, n in results_json.get("n-samples", {}).items()
+             if n.get("original", limit) < limit}
+    if short:
+        log.warning("limit %s is above the documents of %s: all of them used", limit,
+                    ", ".join(f"{name} ({n})" for name, n in sorted(short.items())))
 
 
 def flatten_scores(results_json: dict[str, Any], keys: dict[str, str]) -> dict[str, float]:

@@ -17,6 +17,15 @@ Definition ``token_nonoverlap_v1`` (docs/science.md#perplexity):
    tokens; ``ppl = exp(nll_sum / n_tokens)``; ``bpb = nll_sum / ln 2 / n_bytes`` with
    ``n_bytes`` the UTF-8 bytes of exactly the selected text (separators included).
 
+**Per-window records** (:func:`evaluate_perplexity_windows`): one :class:`WindowRecord` per
+window, in order, with its NLL sum (nats), predicted tokens and UTF-8 bytes, for bootstrap
+intervals over windows. The records' NLLs are the very numbers the total is summed from
+(the total stays bit-identical), their tokens sum to ``n_tokens`` and their bytes partition
+``n_bytes`` exactly: a window's bytes run from the end of the previous window's last token
+to the end of its own (from the tokenizer's character offsets when it is a fast tokenizer,
+else from the byte length of the decoded token prefix, which can shift a boundary by the
+few bytes a tokenizer normalises); the last window ends at the end of the text.
+
 The 262k-token vocabulary of Gemma makes full logits large (0.5 GB per 512-token window in
 float32), so the loss is computed in chunks of positions from the final hidden states
 through the output embedding. A short probe checks once per call that this equals the
@@ -26,6 +35,7 @@ logits, one micro-batch at a time).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -70,6 +80,23 @@ class PerplexityResult:
     n_bytes: int
     n_sentences: int
     definition: str = DEFINITION
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """One evaluation window of :func:`evaluate_perplexity_windows`.
+
+    Attributes:
+        window: Index of the window in the text (0-based, in order).
+        nll_sum: Sum of its next-token NLLs (nats).
+        n_tokens: Its predicted (text) tokens (the start token is not predicted).
+        n_bytes: UTF-8 bytes of the text its tokens cover (see the module docstring).
+    """
+
+    window: int
+    nll_sum: float
+    n_tokens: int
+    n_bytes: int
 
 
 def start_token_id(tokenizer: Any) -> int:
@@ -159,6 +186,39 @@ def evaluate_perplexity(
     Raises:
         LangpruneError: on empty text or bad sizes, before any forward pass.
     """
+    return _evaluate(model, tokenizer, sentences, seq_len=seq_len, token_budget=token_budget,
+                     batch_size=batch_size, device=device, progress=progress, desc=desc,
+                     windows=False)[0]
+
+
+def evaluate_perplexity_windows(
+    model: nn.Module,
+    tokenizer: Any,
+    sentences: list[str],
+    *,
+    seq_len: int,
+    token_budget: int = 0,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> tuple[PerplexityResult, list[WindowRecord]]:
+    """:func:`evaluate_perplexity` (same arguments, same result) plus per-window records.
+
+    The tokenizer must be a fast tokenizer or have ``decode`` (for the window byte counts).
+
+    Returns:
+        The :class:`PerplexityResult` and one :class:`WindowRecord` per window, in order.
+    """
+    return _evaluate(model, tokenizer, sentences, seq_len=seq_len, token_budget=token_budget,
+                     batch_size=batch_size, device=device, progress=progress, desc=desc,
+                     windows=True)
+
+
+def _evaluate(model: nn.Module, tokenizer: Any, sentences: list[str], *, seq_len: int,
+              token_budget: int, batch_size: int, device: torch.device | str | None,
+              progress: bool, desc: str, windows: bool
+              ) -> tuple[PerplexityResult, list[WindowRecord]]:
     if seq_len < 2:
         raise LangpruneError(f"eval_seq_len must be >= 2, got {seq_len}")
     if batch_size < 1:
@@ -168,21 +228,55 @@ def evaluate_perplexity(
     if not ids:
         raise LangpruneError("no evaluation text: the sentences are empty")
     text_bytes = len(SEPARATOR.join(sentences[:k]).encode("utf-8"))
-    windows = cut_windows(ids, seq_len, start_id)
+    cut = cut_windows(ids, seq_len, start_id)
     if device is None:
         device = model.get_input_embeddings().weight.device
     model.eval()
-    nll_sum = _total_nll(model, windows, batch_size, torch.device(device), progress, desc)
+    nll_sum, nlls = _total_nll(model, cut, batch_size, torch.device(device), progress, desc)
     n_tokens = len(ids)
+    records = []
+    if windows:
+        text = SEPARATOR.join(sentences[:k])
+        ends = window_byte_ends(tokenizer, text, ids, [len(w) - 1 for w in cut])
+        starts = [0, *ends[:-1]]
+        records = [WindowRecord(i, nll, len(w) - 1, end - start)
+                   for i, (nll, w, start, end) in enumerate(zip(nlls, cut, starts, ends,
+                                                                strict=True))]
     return PerplexityResult(
         ppl=math.exp(nll_sum / n_tokens),
         bpb=nll_sum / math.log(2) / text_bytes,
         nll_sum=nll_sum,
         n_tokens=n_tokens,
-        n_windows=len(windows),
+        n_windows=len(cut),
         n_bytes=text_bytes,
         n_sentences=k,
-    )
+    ), records
+
+
+def window_byte_ends(tokenizer: Any, text: str, ids: list[int], sizes: list[int]) -> list[int]:
+    """UTF-8 byte offset in ``text`` where each window's tokens end (the last: ``len(text)``).
+
+    Args:
+        tokenizer: The tokenizer that produced ``ids`` from ``text``.
+        text: The selected text.
+        ids: Its tokens (without special tokens).
+        sizes: Text tokens per window, in order (summing to ``len(ids)``).
+    """
+    n_bytes = len(text.encode("utf-8"))
+    cuts = list(itertools.accumulate(sizes))[:-1]  # token counts at the inner boundaries
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False,
+                            return_offsets_mapping=True)["offset_mapping"]
+        raw = [len(text[: offsets[c - 1][1]].encode("utf-8")) for c in cuts]
+    else:
+        raw = [len(tokenizer.decode(ids[:c]).encode("utf-8")) for c in cuts]
+    ends, last = [], 0
+    for b in raw:  # monotone and inside the text, whatever the tokenizer normalised
+        last = min(max(b, last), n_bytes)
+        ends.append(last)
+    return [*ends, n_bytes]
+
+
 
 
 def _batches(windows: list[list[int]], batch_size: int) -> list[list[list[int]]]:
@@ -195,17 +289,20 @@ def _batches(windows: list[list[int]], batch_size: int) -> list[list[list[int]]]
 
 @torch.inference_mode()
 def _total_nll(model: nn.Module, windows: list[list[int]], batch_size: int,
-               device: torch.device, progress: bool, desc: str) -> float:
-    """Sum of next-token NLLs (nats, float64) over every window."""
+               device: torch.device, progress: bool, desc: str) -> tuple[float, list[float]]:
+    """Sum of next-token NLLs (nats, float64) over every window, and each window's sum."""
     chunked = _head_matches_cached(model, windows[0][:_PROBE_TOKENS], device)
     if not chunked:
         log.warning("%s: the model post-processes its logits; computing full logits instead "
                     "of chunks from the hidden states (more memory)", type(model).__name__)
     total = 0.0
+    per_window: list[float] = []
     for batch in tqdm(_batches(windows, batch_size), desc=desc, unit="batch", disable=not progress):
         ids = torch.tensor(batch, device=device)
-        total += float(window_nll(model, ids, chunked=chunked).sum())
-    return total
+        sums = window_nll(model, ids, chunked=chunked)
+        total += float(sums.sum())  # summed per batch as before: the total stays bit-identical
+        per_window.extend(sums.tolist())
+    return total, per_window
 
 
 @torch.inference_mode()

@@ -5,6 +5,11 @@ lm-eval imports this file by path and calls a loader with the task's ``metadata`
 ``data/<dataset>/<lang>.jsonl.gz`` through :func:`pipeline.paths.data_dir` (so
 ``LANGPRUNE_DATA`` is honoured and the working directory does not matter) and returns a
 ``datasets.DatasetDict`` built in memory: nothing is downloaded or cached on disk.
+
+Every document carries ``doc_uid``, a string id taken from the data file's own row identity
+(the same in every language), for per-document records
+(:mod:`pipeline.evaluate.doc_records`): SIB-200 ``index_id``, XNLI ``id``, Belebele
+``<link>#<question_number>``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def read_rows(dataset: str, lang: str) -> list[dict[str, Any]]:
 def load_sib200(lang: str, **_: Any) -> datasets.DatasetDict:
     """SIB-200: the file's ``test`` rows for evaluation (all rows if it has no split column)
     and its ``train`` rows for few-shot examples, each in :func:`stratified_order`."""
-    rows = read_rows("sib200", lang)
+    rows = [{**r, "doc_uid": str(r["index_id"])} for r in read_rows("sib200", lang)]
     test = [r for r in rows if r.get("split") == "test"] or rows
     train = [r for r in rows if r.get("split") == "train"] or test
     return datasets.DatasetDict({
@@ -85,6 +90,7 @@ def load_xnli(lang: str, **_: Any) -> datasets.DatasetDict:
     question, yes, also, no = XNLI_WORDS[lang]
     docs = [
         {
+            "doc_uid": str(r["id"]),
             "premise": r["premise"],
             "hypothesis": r["hypothesis"],
             "label": XNLI_LABELS.index(r["label"]) if isinstance(r["label"], str) else r["label"],
@@ -107,4 +113,5 @@ def load_belebele(lang: str, **_: Any) -> datasets.DatasetDict:
     rows = sorted(read_rows("belebele", lang), key=lambda r: (r["link"], int(r["question_number"])))
     for r in rows:
         r["correct_answer_num"] = str(r["correct_answer_num"])
+        r["doc_uid"] = f"{r['link']}#{r['question_number']}"
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
