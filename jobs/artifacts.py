@@ -42,6 +42,18 @@ def eval_frame(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def interval_metrics(report: Any, seed: int = 0) -> dict[str, float]:
+    """``<task>.<lang>.ci95_low/high/.n/.chance`` and ``ppl.<lang>.ci95_low/high``."""
+    from analysis.scores import ppl_interval_metrics, task_interval_metrics
+
+    out = {}
+    if getattr(report, "task_docs", None) is not None:
+        out.update(task_interval_metrics(report.task_docs))
+    if getattr(report, "ppl_windows", None) is not None:
+        out.update(ppl_interval_metrics(report.ppl_windows, seed=seed))
+    return out
+
+
 def record_start(run: TrackedRun, cfg: Config, dense: bool) -> None:
     """Params, resolved config and the evaluation data set, before any heavy work."""
     L.log_run_start(run, cfg, dense, eval_frame(cfg), dataset_source(cfg.eval.eval_source))
@@ -64,8 +76,9 @@ def record_prune(run: TrackedRun, cfg: Config, calib: Any, result: Any, prune_s:
 
 def record_eval(run: TrackedRun, cfg: Config, report: Any,
                 dense: dict[str, float] | None) -> dict[str, float]:
-    """Evaluation metrics (with ratios against ``dense`` ppl), JSON results and the ppl plot."""
-    metrics = report.metrics(dense)
+    """Evaluation metrics (with ratios against ``dense`` ppl) and their intervals, the
+    per-document and per-window records, JSON results and the ppl plot."""
+    metrics = {**report.metrics(dense), **interval_metrics(report, cfg.run.seed)}
     L.log_eval(run, report, metrics)
     if dense is not None:
         from analysis.run_plots import ppl_vs_dense

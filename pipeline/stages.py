@@ -6,6 +6,7 @@ objects; :mod:`jobs.main` logs those reports through :mod:`tracking`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -13,12 +14,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 
 from pipeline.config import Config, text_part
 from pipeline.errors import LangpruneError
 
 log = logging.getLogger(__name__)
+
+#: Columns of :attr:`EvalReport.ppl_windows`.
+WINDOW_COLUMNS = ("lang", "window", "nll_sum", "n_tokens", "n_bytes")
 
 
 @dataclass
@@ -32,6 +37,11 @@ class EvalReport:
     task_results: dict[str, Any] | None  # the full lm-eval results JSON
     skipped_tasks: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    # Per document of every multiple-choice task (pipeline.evaluate.doc_records.COLUMNS);
+    # None when no task ran.
+    task_docs: pd.DataFrame | None = None
+    # Per perplexity window: lang, window, nll_sum (nats), n_tokens, n_bytes.
+    ppl_windows: pd.DataFrame | None = None
 
     def metrics(self, dense_ppl: Mapping[str, float] | None = None) -> dict[str, float]:
         """Flat MLflow metrics; with the dense baseline's ppl also ``ppl_ratio.<lang>``."""
@@ -129,13 +139,14 @@ def _executing_on(model: torch.nn.Module, device: torch.device, offload: bool):
 def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch.device,
               max_length: int | None, progress: bool) -> EvalReport:
     from pipeline.data.sources import load_eval_sentences
-    from pipeline.evaluate.perplexity import evaluate_perplexity
+    from pipeline.evaluate.perplexity import evaluate_perplexity_windows
 
     e = cfg.eval
     t0 = time.perf_counter()
     ppl, bpb, details = {}, {}, {}
+    window_rows: list[dict[str, Any]] = []
     for lang in e.eval_lang_list:
-        res = evaluate_perplexity(
+        res, windows = evaluate_perplexity_windows(
             model,
             tokenizer,
             text_part(load_eval_sentences(e.eval_source, lang), e.eval_part),
@@ -146,6 +157,7 @@ def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch
             progress=progress,
             desc=f"ppl {lang}",
         )
+        window_rows += [{"lang": lang, **dataclasses.asdict(w)} for w in windows]
         ppl[lang], bpb[lang] = res.ppl, res.bpb
         details[lang] = {
             "n_tokens": res.n_tokens,
@@ -159,6 +171,7 @@ def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch
     tasks: dict[str, float] = {}
     results_json = None
     skipped: list[str] = []
+    docs = None
     if e.task_list:
         from pipeline.evaluate.lm_eval_runner import run_tasks
 
@@ -173,7 +186,8 @@ def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch
             device=device,
             max_length=max_length,
         )
-        tasks, results_json = tr.scores, tr.results_json
+        tasks, results_json, docs = tr.scores, tr.results_json, tr.records
         skipped = list(getattr(tr, "skipped", []))
     return EvalReport(ppl, bpb, details, tasks, results_json, skipped,
-                      wall_s=time.perf_counter() - t0)
+                      wall_s=time.perf_counter() - t0, task_docs=docs,
+                      ppl_windows=pd.DataFrame(window_rows, columns=list(WINDOW_COLUMNS)))

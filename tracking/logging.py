@@ -29,6 +29,8 @@ from tracking.runs import TrackedRun
 log = logging.getLogger(__name__)
 
 MASKS_ARTIFACT = "masks/masks.safetensors"
+TASK_DOCS_ARTIFACT = "eval/task_docs.parquet"  # one row per task document (outcomes)
+PPL_WINDOWS_ARTIFACT = "eval/ppl_windows.parquet"  # one row per perplexity window
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,10 @@ def log_eval(run: TrackedRun, report: Any, metrics: Mapping[str, float]) -> None
     run.log_json(report.ppl_details, "eval/perplexity.json")
     if report.task_results is not None:
         run.log_json(report.task_results, "eval/lm_eval_results.json")
+    if getattr(report, "task_docs", None) is not None:
+        run.log_parquet(report.task_docs, TASK_DOCS_ARTIFACT)
+    if getattr(report, "ppl_windows", None) is not None:
+        run.log_parquet(report.ppl_windows, PPL_WINDOWS_ARTIFACT)
     if report.skipped_tasks:
         run.set_tags({"langprune.skipped_tasks": ",".join(report.skipped_tasks)[:5000]})
 

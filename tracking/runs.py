@@ -189,6 +189,14 @@ class TrackedRun:
         """A table as CSV (readable anywhere) under ``name`` (must end in .csv)."""
         self._log_bytes(df.to_csv(index=False).encode("utf-8"), name)
 
+    def log_parquet(self, df: pd.DataFrame, name: str) -> None:
+        """A table as Parquet (types kept, lists of floats included) under ``name``."""
+        import io
+
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        self._log_bytes(buf.getvalue(), name)
+
     def _log_bytes(self, data: bytes, name: str) -> None:
         safe = safe_artifact_name(name)
         with tempfile.TemporaryDirectory() as tmp:
