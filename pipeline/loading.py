@@ -169,14 +169,17 @@ def probe_model(cfg: ModelCfg) -> ModelProbe | None:
     """Cheap checks of ``cfg.model`` and ``cfg.device`` before any weights are read.
 
     Resolves the source as :func:`load_model` does, but never converts or downloads: an
-    unavailable device, a missing path, a folder without ``config.json``, an unknown
-    architecture or a model without decoder layers fail here with one line. The model is
-    built on the meta device (no memory, no weights) to find its decoder layers.
+    unavailable device, a missing path, a folder without ``config.json``, a ``.gguf`` file
+    without the GGUF magic (:func:`check_gguf_header`), a truncated or foreign
+    ``.safetensors`` file or a missing shard (:func:`check_weight_files`), an unknown
+    architecture or a model without decoder layers fail here with one line naming the
+    file. The model is built on the meta device (no memory, no weights) to find its decoder
+    layers.
 
     Returns:
         The probe, or None when the source is not a local folder yet (an embedded model
-        before its first conversion, a GGUF file, a model on a reachable hub): those are
-        checked while loading.
+        before its first conversion, a GGUF file, a model on a reachable hub): the rest of
+        those is checked while loading.
 
     Raises:
         LangpruneError: one of the problems above.
