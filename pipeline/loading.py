@@ -258,7 +258,6 @@ def _resolve_source(cfg: ModelCfg) -> tuple[str, str, str, bool]:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise LangpruneError(f"model file {name} does not exist")
-        check_gguf_header(path)
         folder = convert_gguf(path, file_sha256(path), cache_dir(cfg.model_cache))
         return "gguf", str(folder), f"{path} (GGUF, converted at {folder})", True
     if path.is_dir():
@@ -549,6 +548,7 @@ def read_gguf(gguf: Path) -> tuple[Any, Any]:
     """Dequantise a GGUF file with transformers (needs the ``gguf`` package); fp32 weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_header(gguf)  # transformers' own error for a foreign file is a ValueError
     log.info("dequantising %s (first use only; about a minute for 270M parameters)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
