@@ -175,7 +175,10 @@ def check_command(command: str, cfg: Config) -> None:
     """
     if command not in PRUNING_COMMANDS:
         return
-    if cfg.prune.sparsity == 0 and cfg.prune.pattern == "unstructured":
+    sparsities = [cfg.prune.sparsity]
+    if command == "sweep":  # a sweep grid of sparsities (sweep_sparsities) replaces it
+        sparsities = list(getattr(cfg.sweep, "sparsity_list", None) or sparsities)
+    if 0 in sparsities and cfg.prune.pattern == "unstructured":
         raise LangpruneError(
             "sparsity=0 prunes nothing; use `dense` for the unpruned baseline")
     from pipeline.data.sources import CALIBRATION, get_source
