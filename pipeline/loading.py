@@ -169,14 +169,17 @@ def probe_model(cfg: ModelCfg) -> ModelProbe | None:
     """Cheap checks of ``cfg.model`` and ``cfg.device`` before any weights are read.
 
     Resolves the source as :func:`load_model` does, but never converts or downloads: an
-    unavailable device, a missing path, a folder without ``config.json``, an unknown
-    architecture or a model without decoder layers fail here with one line. The model is
-    built on the meta device (no memory, no weights) to find its decoder layers.
+    unavailable device, a missing path, a folder without ``config.json``, a ``.gguf`` file
+    without the GGUF magic (:func:`check_gguf_header`), a truncated or foreign
+    ``.safetensors`` file or a missing shard (:func:`check_weight_files`), an unknown
+    architecture or a model without decoder layers fail here with one line naming the
+    file. The model is built on the meta device (no memory, no weights) to find its decoder
+    layers.
 
     Returns:
         The probe, or None when the source is not a local folder yet (an embedded model
-        before its first conversion, a GGUF file, a model on a reachable hub): those are
-        checked while loading.
+        before its first conversion, a GGUF file, a model on a reachable hub): the rest of
+        those is checked while loading.
 
     Raises:
         LangpruneError: one of the problems above.
@@ -185,6 +188,7 @@ def probe_model(cfg: ModelCfg) -> ModelProbe | None:
     folder = _local_folder(cfg)
     if folder is None:
         return None
+    check_weight_files(Path(folder))
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": True, "trust_remote_code": cfg.trust_remote_code}
@@ -198,7 +202,7 @@ def probe_model(cfg: ModelCfg) -> ModelProbe | None:
         if isinstance(e, ValueError) and "trust_remote_code" in str(e):
             raise _remote_code_refused(folder) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LangpruneError(f"cannot load model {cfg.model!r}: {first[:300]}") from None
+        raise LangpruneError(f"cannot load model {cfg.model!r}: {first}") from None
     from pipeline.models import find_decoder_layers
 
     _, layers = find_decoder_layers(skeleton)
@@ -225,6 +229,7 @@ def _local_folder(cfg: ModelCfg) -> str | None:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise LangpruneError(f"model file {name} does not exist")
+        check_gguf_header(path)
         return None
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -267,6 +272,90 @@ def _resolve_source(cfg: ModelCfg) -> tuple[str, str, str, bool]:
         return "hub", name, f"{name} (Hugging Face hub)", False
     snapshot = cached_snapshot(name)
     return "hub", str(snapshot), f"{name} (Hugging Face local hub cache only: {snapshot})", True
+
+
+# ---- cheap integrity checks of model files (no weights read) -------------------------------
+
+GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)  # what the gguf package (and so transformers) reads
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
+
+
+def check_gguf_header(path: Path) -> None:
+    """A ``.gguf`` file must start with the GGUF magic and a version transformers reads.
+
+    Raises:
+        LangpruneError: naming the file and what is wrong (a text file named ``x.gguf``,
+            a truncated download, an unsupported version).
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise LangpruneError(f"cannot read model file {path}: {e.strerror}") from None
+    if head[:4] != GGUF_MAGIC:
+        raise LangpruneError(
+            f"model file {path} is not a GGUF file: it does not start with the GGUF magic "
+            f"bytes (found {head[:4]!r})")
+    if len(head) < 8:
+        raise LangpruneError(f"model file {path} is truncated: {len(head)} bytes, no GGUF header")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in _GGUF_VERSIONS:
+        raise LangpruneError(
+            f"model file {path} has GGUF version {version}; readable versions: "
+            f"{', '.join(map(str, _GGUF_VERSIONS))}")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every ``*.safetensors`` file of a model folder must be whole; shards an index names
+    must exist.
+
+    Reads only each file's header (its JSON table of tensors and byte ranges) and compares
+    the size the header needs with the file's size, so a truncated or foreign file is one
+    line before any run starts, not an error deep inside ``from_pretrained``.
+
+    Raises:
+        LangpruneError: naming the file and what is wrong.
+    """
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise LangpruneError(
+                f"model index {index} is not a safetensors index (no readable weight_map)"
+            ) from None
+        for shard in sorted(shards):
+            if not (folder / shard).is_file():
+                raise LangpruneError(f"model file {folder / shard} is missing ({index.name} "
+                                     "names it)")
+    for file in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(file)
+
+
+def _check_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LangpruneError(f"model file {path} is truncated: {size} bytes, no "
+                                 "safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise LangpruneError(
+                f"model file {path} is truncated or not a safetensors file: its header "
+                f"claims {n:,} bytes, the file has {size:,}")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items()
+                       if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise LangpruneError(
+                f"model file {path} is not a safetensors file: its header is not a "
+                "tensor table") from None
+    if size < 8 + n + end:
+        raise LangpruneError(
+            f"model file {path} is truncated: {size:,} bytes, its header needs "
+            f"{8 + n + end:,}; download or convert it again")
 
 
 def cached_snapshot(repo_id: str) -> Path:
@@ -459,6 +548,7 @@ def read_gguf(gguf: Path) -> tuple[Any, Any]:
     """Dequantise a GGUF file with transformers (needs the ``gguf`` package); fp32 weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_header(gguf)  # transformers' own error for a foreign file is a ValueError
     log.info("dequantising %s (first use only; about a minute for 270M parameters)", gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(

@@ -11,9 +11,15 @@ from pipeline.errors import LangpruneError
 T = TypeVar("T")
 
 
+# Similarity (difflib ratio) a known name needs to be suggested. Typos score 0.8-0.95
+# ("sparsty"/"sparsity", "sib2000"/"sib200"); below 0.75 the matches among lm-eval's
+# thousands of task names are unrelated ("nonexistent_task" -> "injongointent_tasks", 0.74).
+SUGGEST_CUTOFF = 0.75
+
+
 def suggest(name: str, known: list[str], n: int = 3) -> str:
     """Return a ``did you mean`` clause for ``name`` among ``known`` ('' if none is close)."""
-    close = difflib.get_close_matches(name, known, n=n, cutoff=0.4)
+    close = difflib.get_close_matches(name, known, n=n, cutoff=SUGGEST_CUTOFF)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 

@@ -9,9 +9,10 @@ import platform
 import shlex
 import socket
 import subprocess
+from dataclasses import fields
 from importlib import metadata
 
-from pipeline.config import DENSE, RUN_SECTIONS, Config, format_blend, tagged
+from pipeline.config import DENSE, RUN_SECTIONS, Config, EvalCfg, format_blend, tagged
 from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
 from tracking.reliability import TAG_HTTP_RETRIES, http_retry_tag
@@ -30,6 +31,8 @@ TAG_SPARSEGPT_FACTOR = "langprune.sparsegpt_factor"  # products (CPU) or lapack
 TAG_REUSED = "langprune.reused_run"
 TAG_DENSE = "langprune.dense_run"
 TAG_ENTRY = "langprune.entry_point"
+TAG_BUDGET = "langprune.eval_budget"  # e.g. t2048-l8: a column that tells budgets apart
+TAG_ERROR = "langprune.error"  # the one-line reason of a failed run
 
 # What the code version covers: a change here makes finished runs stale.
 CODE_PATHS = ("pipeline", "analysis", "tracking", "jobs", "MLproject", "pyproject.toml")
@@ -139,19 +142,43 @@ def run_tags(cfg: Config, kind: str, device: str, entry_point: str) -> dict[str,
         TAG_DEVICE: device,
         TAG_ENTRY: entry_point,
         TAG_HTTP_RETRIES: http_retry_tag(),  # how long this run waits out a lost server
+        TAG_BUDGET: eval_budget(cfg),
         "mlflow.source.git.commit": commit,
     }
     tags.update(versions())
     return tags
 
 
+# The evaluation budget a run name spells out when it differs from these (EvalCfg's
+# defaults): key -> letter, e.g. eval_tokens=1024 limit=4 -> "t1024-l4".
+_BUDGET_LETTERS = {"eval_tokens": "t", "limit": "l"}
+
+
+def eval_budget(cfg: Config) -> str:
+    """The evaluation budget as a short label, always complete: ``t2048-l8``."""
+    return "-".join(f"{c}{getattr(cfg.eval, k)}" for k, c in _BUDGET_LETTERS.items())
+
+
+def _budget_suffix(cfg: Config) -> str:
+    """``-t1024-l4`` for the budget keys that differ from EvalCfg's defaults, else ``''``."""
+    defaults = {f.name: f.default for f in fields(EvalCfg)}
+    parts = [f"{c}{getattr(cfg.eval, k)}" for k, c in _BUDGET_LETTERS.items()
+             if getattr(cfg.eval, k) != defaults[k]]
+    return "".join(f"-{p}" for p in parts)
+
+
 def run_name(cfg: Config, kind: str = "pruned") -> str:
-    """Readable run names, e.g. ``wanda-0.5-zh-set0`` or ``dense-gemma-3-270m``."""
+    """Readable run names, e.g. ``wanda-0.5-zh-set0`` or ``dense-gemma-3-270m``.
+
+    A dense baseline exists once per evaluation budget, so its name carries the budget
+    when it is not the default (``dense-gemma-3-270m-t1024-l4`` for the sweep's); every
+    run also has the tag :data:`TAG_BUDGET` for a runs-table column.
+    """
     if cfg.run.run_name:
         return cfg.run.run_name
     model = cfg.model.model.rstrip("/").split("/")[-1]
     if kind == "dense":
-        return f"dense-{model}"
+        return f"dense-{model}{_budget_suffix(cfg)}"
     p = cfg.prune
     amount = p.pattern if p.pattern != "unstructured" else f"{p.sparsity:g}"
     blend = cfg.calib.blend

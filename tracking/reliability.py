@@ -21,6 +21,7 @@ imports nothing heavy (the CLI calls it before anything else).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -76,9 +77,14 @@ def quick_http_failure() -> Iterator[None]:
     """
     saved = {k: os.environ.get(k) for k in PROBE_SETTINGS}
     os.environ.update(PROBE_SETTINGS)
+    # urllib3 logs each retry as a WARNING; the caller's one error line says it all.
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        pool_log.setLevel(level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -35,6 +35,7 @@ from tracking import params as P
 log = logging.getLogger(__name__)
 
 _BATCH = 900  # MlflowClient.log_batch accepts at most 1000 metrics per call
+_TAG_CHARS = 500  # langprune.error: enough for one line, short enough for the runs table
 # A RUNNING run that never got a langprune pid tag is an environment set-up that died
 # (``mlflow run`` creates the run before building the env); after this long it is stale.
 STALE_UNSTARTED_S = 3600.0
@@ -53,7 +54,11 @@ def tracking_uri() -> str:
 
 
 def check_tracking_reachable() -> None:
-    """Fail fast with one clear line if the tracking store cannot be reached."""
+    """Fail fast with one clear line if the tracking store cannot be reached.
+
+    Requests give up after one quick retry here (:func:`quick_http_failure`), so a dead
+    URI costs seconds, not MLflow's minutes of backoff.
+    """
     from tracking.reliability import quick_http_failure
 
     uri = tracking_uri()
@@ -61,12 +66,42 @@ def check_tracking_reachable() -> None:
         with quick_http_failure():  # the long mid-run retries are not meant for a wrong URI
             client().search_experiments(max_results=1)
     except Exception as e:  # MLflow raises several types for an unreachable store
-        raise LangpruneError(f"cannot reach the MLflow tracking store {uri}: {_first_line(e)}")
+        if uri.startswith(("http://", "https://")):
+            raise LangpruneError(
+                f"tracking server {uri} is not reachable ({_connection_reason(e)}); start it, "
+                "or point MLFLOW_TRACKING_URI at a running one") from None
+        raise LangpruneError(f"cannot open the MLflow tracking store {uri}: {_first_line(e)}"
+                             ) from None
+
+
+def _connection_reason(e: BaseException) -> str:
+    """The socket-level reason inside MLflow's wrapped request error ("[Errno 111]
+    Connection refused", a timeout, an HTTP status), else its first line."""
+    text = str(e)
+    errno = re.search(r"\[Errno -?\d+\] [^\"')(]+", text)
+    if errno:
+        return errno.group(0).strip()
+    for word in ("timed out", "Read timed out", "Name or service not known"):
+        if word in text:
+            return word
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an error's message, whole (the console shows it uncut)."""
     text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    return text[0] if text else type(e).__name__
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, marked with "…"."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:  # a word boundary not too far back
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
 
 
 def experiment_id(name: str) -> str:
@@ -82,12 +117,89 @@ def experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=default_artifact_location(name))
     except mlflow.exceptions.MlflowException:  # created concurrently by another worker
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+# Set by ``mlflow server`` (--default-artifact-root) for the stores it opens; a client
+# has no other setting for where a new experiment's artifacts go.
+_SERVER_ARTIFACT_ROOT = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+
+
+def default_artifact_location(name: str, uri: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: next to a SQLite database file.
+
+    MLflow's client puts them in ``./mlruns`` of the working folder, whatever folder the
+    database is in, so a store outside the repository would still fill the repository.
+    Here a ``sqlite:///<dir>/<file>`` store keeps them in ``<dir>/mlruns/<name>``. Other
+    stores (a server, PostgreSQL), an in-memory SQLite or a configured artifact root: None
+    (MLflow decides).
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///") or os.environ.get(_SERVER_ARTIFACT_ROOT):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    folder = re.sub(r"[^\w.-]", "_", name) or "experiment"
+    return (Path(path).expanduser().resolve().parent / "mlruns" / folder).as_uri()
+
+
+def active_experiment_name() -> str | None:
+    """The experiment ``mlflow run`` (or the environment) put this process in, if any.
+
+    ``MLFLOW_RUN_ID`` (the run ``mlflow run`` created) or ``MLFLOW_EXPERIMENT_ID`` name it
+    through the store; ``MLFLOW_EXPERIMENT_NAME`` names it directly. None when none is set
+    or the store cannot say quickly (the preflight then reports the store).
+    """
+    from tracking.reliability import quick_http_failure
+
+    run_id, exp_id = os.environ.get("MLFLOW_RUN_ID"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if run_id or exp_id:
+        try:
+            with quick_http_failure():
+                c = client()
+                if run_id:
+                    exp_id = c.get_run(run_id).info.experiment_id
+                return c.get_experiment(exp_id).name
+        except Exception as e:  # the preflight reports an unreachable store
+            log.debug("cannot read the active experiment: %s", _first_line(e))
+            return None
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or None
+
+
+def fail_env_run(command: str, message: str) -> bool:
+    """Mark the run ``mlflow run`` created (``MLFLOW_RUN_ID``) as our failed run.
+
+    Called when a command fails before it took that run over: without this the run would
+    end FAILED under a random MLflow name with no reason. It gets the name
+    ``failed-<command>``, the tags ``langprune.error`` and ``langprune.state=failed``, and
+    ends FAILED. Best effort: quick requests, every store error swallowed, so the original
+    error is what the user sees.
+
+    Returns:
+        Whether the run was marked.
+    """
+    from tracking.reliability import quick_http_failure
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return False
+    try:
+        with quick_http_failure():
+            run = TrackedRun(run_id)
+            run.set_tags({MLFLOW_RUN_NAME: f"failed-{command}", P.TAG_ENTRY: command,
+                          P.TAG_STATE: "failed", P.TAG_ERROR: clip(message, _TAG_CHARS)})
+            run.client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # the store may be the failure itself
+        log.debug("could not mark run %s FAILED: %s", run_id, _first_line(e))
+        return False
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    return True
 
 
 _CONFLICT_ATTEMPTS = 4
@@ -318,7 +430,7 @@ def run_guard(run: TrackedRun) -> Iterator[TrackedRun]:
 def _end_badly(run: TrackedRun, state: str, status: str, reason: str) -> None:
     run.stop_system_metrics()
     try:
-        run.set_tags({P.TAG_STATE: state, "langprune.error": reason[:500]})
+        run.set_tags({P.TAG_STATE: state, P.TAG_ERROR: clip(reason, _TAG_CHARS)})
         run.client.set_terminated(run.run_id, status)
     except Exception as e:  # the store itself may be the failure; reaping fixes it later
         log.error("could not mark run %s %s: %s", run.run_id, status, _first_line(e))

@@ -34,7 +34,7 @@ from typing import Any
 from pipeline.data.languages import Language, get_language
 from pipeline.errors import LangpruneError
 from pipeline.paths import data_dir
-from pipeline.registry import Registry
+from pipeline.registry import Registry, suggest
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,26 @@ SOURCES: Registry[TextSource] = Registry("text source")
 
 
 # ---- public API ------------------------------------------------------------------------------
-def get_source(name: str) -> TextSource:
-    """Return the registered source ``name`` (LangpruneError with suggestions if unknown)."""
+def get_source(name: str, role: str | None = None) -> TextSource:
+    """Return the registered source ``name`` (LangpruneError with suggestions if unknown).
+
+    Args:
+        name: registry key.
+        role: where the name was given (``calibration`` for ``calib_source``): an unknown
+            name then lists, and suggests among, the sources of that role only, and a
+            source of another role is refused.
+    """
+    if role is None:
+        return SOURCES.get(name)
+    names = [n for n in SOURCES.names() if SOURCES.get(n).role == role]
+    if name not in names:
+        words = {CALIBRATION: "calibration", EVAL: "evaluation"}
+        listing = f"{words[role]} sources: {', '.join(map(_label, names))}"
+        if name in SOURCES:
+            raise LangpruneError(f"{name!r} is {words[SOURCES.get(name).role]} text, not "
+                                 f"{words[role]} text; {listing}")
+        raise LangpruneError(f"unknown {words[role]} source {name!r}; {listing}"
+                             f"{suggest(name, names)}")
     return SOURCES.get(name)
 
 

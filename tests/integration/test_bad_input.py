@@ -44,6 +44,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     sub: bool = False  # also run as a subprocess
     prepare: str = ""  # name of a World method that breaks something; it returns an undo
+    no_run: bool = False  # also: no MLflow run at all was created (the store is untouched)
 
 
 # Small budgets so that a case that wrongly got through would still be quick.
@@ -111,9 +112,31 @@ CASES = [
     Case("search-corpus-too-short", search_("n_samples=5000", "seq_len=256"), "5000 windows"),
     Case("calib-source-is-eval-text", main_("calib_source=flores"), "'flores'"),
     Case("calib-source-unknown", main_("calib_source=nope"), "'nope'"),
+    # only calibration sources are listed (no flores), and nothing unrelated is suggested
+    Case("calib-source-unknown-lists-calibration-sources", main_("calib_source=nope"),
+         "unknown calibration source 'nope'; calibration sources: mc4 (hub), ntrex, tico19, "
+         "tydiqa, wmt"),
+    Case("sparsity-zero", main_("sparsity=0"),
+         "sparsity=0 prunes nothing; use `dense` for the unpruned baseline", sub=True),
+    Case("sweep-sparsity-zero", ["sweep", *BASE, "sparsity=0.0"], "sparsity=0 prunes nothing"),
+    Case("search-sparsity-zero", search_("sparsity=0"), "sparsity=0 prunes nothing"),
     Case("missing-model-path", main_("model=/nonexistent/model"), "/nonexistent/model",
          sub=True),
-    Case("model-folder-without-config", main_("model={noconfig}"), "no config.json"),
+    Case("model-folder-without-config", main_("model={noconfig}"), "no config.json",
+         no_run=True),
+    # corrupt model files: one line naming the file, before any run exists
+    Case("model-gguf-not-gguf", main_("model={not_gguf}"),
+         "model file {not_gguf} is not a GGUF file", sub=True, no_run=True),
+    Case("dense-model-gguf-not-gguf", ["dense", *BASE, "model={not_gguf}"],
+         "{not_gguf} is not a GGUF file", no_run=True),
+    Case("model-gguf-unknown-version", main_("model={gguf_v9}"), "GGUF version 9",
+         no_run=True),
+    Case("model-safetensors-truncated", main_("model={truncated}"),
+         "model file {truncated}/model.safetensors is truncated", sub=True, no_run=True),
+    Case("model-safetensors-garbage", main_("model={garbage}"),
+         "{garbage}/model.safetensors is truncated or not a safetensors file", no_run=True),
+    Case("model-shard-missing", main_("model={noshard}"),
+         "{noshard}/model-00002-of-00002.safetensors is missing", no_run=True),
     Case("model-unknown-architecture", main_("model={badarch}"), "nosuchmodel"),
     Case("model-without-decoder-layers", main_("model={nolayers}"), "decoder layers"),
     Case("model-with-its-own-code", main_("model={remote_code}"), "trust_remote_code=true"),
@@ -196,6 +219,15 @@ class World:
         (tmp / "badarch" / "config.json").write_text(json.dumps({"model_type": "nosuchmodel"}))
         (tmp / "a_file").write_text("not a folder")
         self._remote_code_model(tmp / "remote_code")
+        (tmp / "x.gguf").write_text("a text file, not a model\n")
+        (tmp / "v9.gguf").write_bytes(b"GGUF" + (9).to_bytes(4, "little") + bytes(16))
+        self._broken_copy(tmp / "model", tmp / "truncated",
+                          lambda b: b[: len(b) - 1000])
+        self._broken_copy(tmp / "model", tmp / "garbage", lambda b: b"not safetensors" * 10)
+        self._broken_copy(tmp / "model", tmp / "noshard", lambda b: b)
+        (tmp / "noshard" / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"a": "model.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}))
         bad = '{"id": 0, "doc_id": "d0", "text": "Gr\xfc\xdfe"}\n'.encode("latin-1")
         _data_copy(tmp / "bad_utf8", "ntrex128", "de", bad)
         empty = "".join(json.dumps({"id": i, "sentence": ""}) + "\n" for i in range(3))
@@ -205,8 +237,20 @@ class World:
                        "badarch": str(tmp / "badarch"), "a_file": str(tmp / "a_file"),
                        "bad_utf8": str(tmp / "bad_utf8"), "empty_eval": str(tmp / "empty_eval"),
                        "dead_port": str(free_port()), "sweep": "",
-                       "remote_code": str(tmp / "remote_code")}
+                       "remote_code": str(tmp / "remote_code"),
+                       "not_gguf": str(tmp / "x.gguf"), "gguf_v9": str(tmp / "v9.gguf"),
+                       "truncated": str(tmp / "truncated"), "garbage": str(tmp / "garbage"),
+                       "noshard": str(tmp / "noshard")}
         self.mask_path: Path | None = None
+
+    @staticmethod
+    def _broken_copy(src: Path, dst: Path, change: Callable[[bytes], bytes]) -> None:
+        """A copy of the model folder ``src`` whose ``model.safetensors`` is changed."""
+        import shutil
+
+        shutil.copytree(src, dst)
+        weights = dst / "model.safetensors"
+        weights.write_bytes(change(weights.read_bytes()))
 
     @staticmethod
     def _remote_code_model(folder: Path) -> None:
@@ -324,6 +368,14 @@ def _finished_runs_since(world: World, t0_ms: int) -> list[str]:
     return [r.info.run_id for r in runs if r.info.status == "FINISHED"]
 
 
+def _runs_since(world: World, t0_ms: int) -> list[str]:
+    """Every run started since ``t0_ms`` in the case's store, whatever its status."""
+    client = MlflowClient(world.store)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, f"attributes.start_time >= {t0_ms}", max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
 def _check_output(case: Case, world: World, rc: int, stderr: str) -> None:
     assert rc != 0, stderr
     assert "Traceback" not in stderr, stderr
@@ -370,6 +422,8 @@ def test_bad_input_in_process(case, world, trapped, monkeypatch, capsys):
             undo()
     _check_output(case, world, rc, capsys.readouterr().err)
     assert _finished_runs_since(world, t0) == []
+    if case.no_run:
+        assert _runs_since(world, t0) == []
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.sub], ids=[c.id for c in CASES if c.sub])
