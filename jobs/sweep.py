@@ -60,7 +60,7 @@ def run_sweep(cfg: Config) -> str:
                 entry.update(run_id=res.run_id, reused=str(res.reused).lower(), status="ok")
             except Exception as e:
                 log.error("sweep cell %s failed: %s", P.run_name(cell), e)
-                entry.update(run_id="", reused="false", status=f"failed: {e}"[:300])
+                entry.update(run_id="", reused="false", status=R.clip(f"failed: {e}", 300))
             finally:
                 snapshot.restore()
             members.append(entry)

@@ -264,12 +264,13 @@ def check_corpus(calib: CalibCfg) -> None:
 
 def _check_source(source: str, counts: Mapping[str, int]) -> None:
     """The source must be calibration text and have every language of the blend."""
-    if get_source(source).role != CALIBRATION:
+    if source in SOURCES and SOURCES.get(source).role != CALIBRATION:
         usable = [n for n in SOURCES.names() if SOURCES.get(n).role == CALIBRATION]
         raise LangpruneError(
             f"calib_source {source!r} is evaluation text; calibrating on it would overlap"
             f" evaluation. Calibration sources: {', '.join(usable)}"
         )
+    get_source(source, role=CALIBRATION)  # unknown: lists calibration sources only
     for lang in counts:
         check_available(source, lang)
 
