@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.command = name
         p.add_argument("--config", default=None, help="flat YAML of key: value (optional)")
+        p.add_argument("--verbose", action="store_true",
+                       help="every log line of every library (also LANGPRUNE_LOG=debug)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides (the keys this command uses are listed below)")
     return ap
@@ -217,16 +219,18 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def _cmd_main(cfg: Config) -> None:
+    from jobs.console import summarise_run
     from jobs.main import run_main
 
-    run_main(cfg)
+    summarise_run(cfg, run_main(cfg).run_id)
 
 
 def _cmd_dense(cfg: Config) -> None:
+    from jobs.console import summarise_run
     from jobs.main import preflight, run_dense
 
     preflight(cfg)
-    run_dense(cfg)
+    summarise_run(cfg, run_dense(cfg)[0], dense=True)
 
 
 def _cmd_sweep(cfg: Config) -> None:
@@ -298,10 +302,9 @@ def _fail_env_run(command: str, message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LANGPRUNE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from jobs.console import configure_logging, verbose_requested
+
+    configure_logging(verbose_requested(args.verbose))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     apply_http_retry_defaults()  # ride out a tracking server restart (README "Reliability")
     signal.signal(signal.SIGTERM, _on_signal)

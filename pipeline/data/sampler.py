@@ -241,7 +241,9 @@ def build_calibration(
     _check_lengths(tokenizer, calib, counts, streams, width)
     windows, records = _cut_windows(tokenizer, calib, seed, counts, streams, width)
     manifest = _manifest(tokenizer, calib, seed, counts, streams, width, records, windows)
-    log.info("calibration set: %s", {"counts": counts, "sha256": manifest["windows_sha256"]})
+    log.info("calibration: %s windows of %d tokens, set %d (sha256 %s)",
+             "+".join(f"{lang} {c}" for lang, c in counts.items()), calib.seq_len,
+             calib.calib_set, manifest["windows_sha256"][:12])
     return CalibrationSet(torch.from_numpy(windows), manifest)
 
 
