@@ -55,14 +55,18 @@ def configure_logging(verbose: bool = False) -> None:
     With ``verbose`` nothing is filtered and every logger speaks at DEBUG, with its name.
     """
     if verbose:
-        logging.basicConfig(level=logging.DEBUG, force=True,
+        logging.basicConfig(level=logging.DEBUG,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for name in CHATTY:
             logging.getLogger(name).setLevel(logging.NOTSET)
+        for name, prefixes in QUIET_MESSAGES.items():
+            logger = logging.getLogger(name)
+            for f in [f for f in logger.filters if isinstance(f, _DropMessages)]:
+                logger.removeFilter(f)
         return
     level = os.environ.get("LANGPRUNE_LOG_LEVEL", "INFO")
-    logging.basicConfig(level=level, force=True, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+    # No force: a host that configured logging already (a notebook, pytest) keeps its own.
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name, prefixes in QUIET_MESSAGES.items():

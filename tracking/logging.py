@@ -120,12 +120,17 @@ def log_eval(run: TrackedRun, report: Any, metrics: Mapping[str, float]) -> None
     run.log_json(report.ppl_details, "eval/perplexity.json")
     if report.task_results is not None:
         run.log_json(report.task_results, "eval/lm_eval_results.json")
+    log_records(run, report)
+    if report.skipped_tasks:
+        run.set_tags({"langprune.skipped_tasks": ",".join(report.skipped_tasks)[:5000]})
+
+
+def log_records(run: TrackedRun, report: Any) -> None:
+    """The per-document task outcomes and per-window perplexity records, as Parquet."""
     if getattr(report, "task_docs", None) is not None:
         run.log_parquet(report.task_docs, TASK_DOCS_ARTIFACT)
     if getattr(report, "ppl_windows", None) is not None:
         run.log_parquet(report.ppl_windows, PPL_WINDOWS_ARTIFACT)
-    if report.skipped_tasks:
-        run.set_tags({"langprune.skipped_tasks": ",".join(report.skipped_tasks)[:5000]})
 
 
 def log_ppl_plot(run: TrackedRun, path: Path) -> None:

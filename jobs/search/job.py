@@ -70,6 +70,10 @@ def _validate(cfg: Config) -> tuple[Objective, list[str], str]:
             f"method {cfg.prune.method} uses no calibration data, so every blend prunes the same; "
             f"search with one of: {', '.join(calibrated)}"
         )
+    if cfg.search.mode == "fast" and cfg.prune.layer_sparsity != "uniform":
+        raise LangpruneError(
+            f"layer_sparsity={cfg.prune.layer_sparsity} needs the pruned model's own pre-pass; "
+            "fast mode prunes from cached dense statistics: use mode=exact")
     name = default_study_name(cfg)
     if any(c in name for c in "'\"`\\"):
         raise LangpruneError(f"study_name must not contain quotes or backslashes: {name!r}")

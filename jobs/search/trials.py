@@ -41,6 +41,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from jobs.artifacts import interval_metrics
 from jobs.main import run_main
 from jobs.search.objective import Objective
 from jobs.search.space import BlendPoint, suggest_blend
@@ -57,6 +58,7 @@ from pipeline.engine.blend import (
 from pipeline.models import DenseSnapshot
 from pipeline.pruners import SparsityTarget, pruner_from_config, target_from_config
 from tracking import optuna_mlflow as OM
+from tracking.logging import log_records
 from tracking import optuna_storage as OS
 from tracking import params as P
 from tracking import runs as R
@@ -82,6 +84,7 @@ class _Search:
     snapshot: DenseSnapshot | None = None
     stats: dict[str, LanguageStats] = field(default_factory=dict)
     current_trial: int | None = None
+    current_run: R.TrackedRun | None = None  # the running trial's run (fast trials log to it)
 
     @property
     def sparsity_target(self) -> SparsityTarget:
@@ -108,6 +111,7 @@ def _objective_fn(ctx: _Search) -> Callable[[optuna.Trial], float]:
         trial.set_user_attr(OM.BLEND_ATTR, point.label)
         trial.set_user_attr(OM.TARGET_ONLY_ATTR, point.is_only(ctx.objective.target))
         run = ctx.logger.start(trial, f"trial-{trial.number}-{point.short}", point.params())
+        ctx.current_run = run
         try:
             if ctx.cfg.search.mode == "fast":
                 metrics = _fast_trial(ctx, point)
@@ -133,7 +137,10 @@ def _fast_trial(ctx: _Search, point: BlendPoint) -> dict[str, float]:
     prune_s = time.perf_counter() - t0
     report = stages.evaluate(ctx.eval_cfg(cfg.search.search_eval_tokens), loaded.model,
                              loaded.tokenizer, loaded.device, loaded.max_length, progress=False)
-    return {**report.metrics(), "sparsity.actual": sparsity, "time.prune_s": prune_s}
+    if ctx.current_run is not None:  # per-document / per-window records, as every run has
+        log_records(ctx.current_run, report)
+    return {**report.metrics(), **interval_metrics(report, cfg.run.seed),
+            "sparsity.actual": sparsity, "time.prune_s": prune_s}
 
 
 def _exact_trial(ctx: _Search, point: BlendPoint, run: R.TrackedRun,

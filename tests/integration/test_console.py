@@ -48,7 +48,8 @@ def test_quiet_filters_drop_only_the_listed_messages_and_verbose_keeps_all(caplo
     finally:
         for name in QUIET_MESSAGES:
             logging.getLogger(name).filters.clear()
+        logging.getLogger("lm_eval").setLevel(logging.NOTSET)
+    configure_logging(verbose=False)
     configure_logging(verbose=True)
     assert not evaluator.filters
-    assert logging.getLogger().level == logging.DEBUG
-    assert logging.getLogger("lm_eval").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("lm_eval").level == logging.NOTSET  # back to the root's level

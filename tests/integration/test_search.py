@@ -442,3 +442,31 @@ def test_workers_raising_n_trials_together_top_the_slots_up_exactly(tmp_path):
     final = optuna.load_study(study_name=study.study_name, storage=url)
     assert [t.number for t in final.trials] == list(range(9))
     assert final.user_attrs[S.SLOTS_ATTR] == 9
+
+
+def test_fast_mode_refuses_per_layer_sparsity_in_one_line():
+    cfg = Config.from_overrides({"layer_sparsity": "owl", "mode": "fast"})
+    with pytest.raises(LangpruneError, match="use mode=exact") as err:
+        J._validate(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_ria_searches_in_fast_mode_through_its_statistic(tiny_model_dir):
+    """A method added as one file (RIA, ColumnSquares) blends without any search code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.pruners import make_pruner
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    base = Config.from_overrides({"n_samples": "4", "seq_len": "32", "method": "ria"})
+    cpu = torch.device("cpu")
+    pruner = make_pruner("ria")
+    stats = {lang: B.collect_language_stats(
+        model, build_calibration(tok, base.replace(calib_lang=lang).calib, 0,
+                                 progress=False).windows, lang, pruner, device=cpu)
+        for lang in ("de", "sw")}
+    sparsity = B.prune_from_stats(model, stats, {"de": 2, "sw": 2}, pruner,
+                                  SparsityTarget(0.5), device=cpu)
+    assert sparsity == pytest.approx(0.5)
+    J._validate(base)  # accepted: it reads calibration data
