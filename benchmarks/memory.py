@@ -95,7 +95,8 @@ def child(args: argparse.Namespace) -> None:
     reset = _reset_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity), device=device,
+    prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity),
+                    device=device,
                     offload=offload == "1", batch_size=args.batch_size, progress=False)
     out = {
         "base_rss": base_rss, "after_build": after_build, "build_peak": build_peak,

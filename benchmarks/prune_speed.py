@@ -61,7 +61,8 @@ def run_one(base: LlamaForCausalLM, windows: torch.Tensor, method: str, shared: 
     model = copy.deepcopy(base)
     sync(device)
     t0 = time.perf_counter()
-    result = prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity), device=device,
+    result = prune_layerwise(model, windows, make_pruner(method), SparsityTarget(args.sparsity),
+                             device=device,
                              batch_size=args.batch_size, progress=False,
                              share_statistics=shared)
     sync(device)

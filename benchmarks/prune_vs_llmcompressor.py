@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 from _common import (
     add_calib_args,
-    cpu_seconds,
     add_llama_args,
     build_llama,
+    cpu_seconds,
     load_avg,
     machine_line,
     peak_rss_mb,

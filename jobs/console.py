@@ -17,7 +17,6 @@ from analysis.scores import render_summary, summary_table
 from pipeline.config import Config
 from tracking import runs as R
 
-
 #: Third-party messages that tell the user nothing, dropped at their logger (everything
 #: else those loggers say is kept). Each is expected by design here:
 QUIET_MESSAGES: dict[str, tuple[str, ...]] = {
@@ -59,7 +58,7 @@ def configure_logging(verbose: bool = False) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for name in CHATTY:
             logging.getLogger(name).setLevel(logging.NOTSET)
-        for name, prefixes in QUIET_MESSAGES.items():
+        for name in QUIET_MESSAGES:
             logger = logging.getLogger(name)
             for f in [f for f in logger.filters if isinstance(f, _DropMessages)]:
                 logger.removeFilter(f)

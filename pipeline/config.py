@@ -28,7 +28,8 @@ from pipeline.errors import LangpruneError
 from pipeline.registry import suggest
 
 DEFAULT_MODEL = "gemma-3-270m"
-REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")  # == pipeline.data.languages.REQUIRED (tested)
+# == pipeline.data.languages.REQUIRED (tested)
+REQUIRED_LANGS = ("ar", "de", "en", "es", "ru", "sw", "zh")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LAYER_SPARSITIES = ("uniform", "owl")
@@ -136,12 +137,12 @@ def _check_langs(codes: list[str], what: str) -> None:
 
 @dataclass(frozen=True)
 class ModelCfg:
-    model: str = _f(DEFAULT_MODEL, DENSE, STUDY, TRIAL)  # embedded alias | hub id | local HF folder | .gguf file
+    model: str = _f(DEFAULT_MODEL, DENSE, STUDY, TRIAL)  # embedded alias | hub id | folder | .gguf
     device: str = _f("auto", DENSE)  # auto = cuda when available, else cpu
     dtype: str = _f("float32", DENSE, STUDY)  # weights/activations; statistics are always float32
     offload: bool = _f(False, DENSE)  # keep the model on CPU, move one decoder layer at a time
     trust_remote_code: bool = _f(False, DENSE)  # never on unless the user asks
-    model_cache: str = _f("", EXEC)  # "" = $LANGPRUNE_CACHE or ~/.cache/langprune (never in the repo)
+    model_cache: str = _f("", EXEC)  # "" = $LANGPRUNE_CACHE or ~/.cache/langprune (not the repo)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -162,8 +163,8 @@ class CalibCfg:
     normalize_blend: bool = _f(False)  # rescale weights that do not sum to 1 (else: error)
     calib_set: int = _f(0, STUDY, TRIAL)  # which of the disjoint calibration sets of each language
     calib_source: str = _f("ntrex", STUDY, TRIAL)  # ntrex | wmt | tico19 | tydiqa | mc4 (hub)
-    n_samples: int = _f(32, STUDY, TRIAL)  # windows; paper: 128 (embedded default budget, see README)
-    seq_len: int = _f(256, STUDY, TRIAL)  # tokens per window; paper: 2048. Never taken from the model config
+    n_samples: int = _f(32, STUDY, TRIAL)  # windows; paper: 128 (embedded default budget, README)
+    seq_len: int = _f(256, STUDY, TRIAL)  # tokens per window; paper: 2048; never from the model
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -172,7 +173,7 @@ class CalibCfg:
             raise LangpruneError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.calib_set < 0:
             raise LangpruneError(f"calib_set must be >= 0, got {self.calib_set}")
-        self.blend  # validates weights and languages
+        _ = self.blend  # validates weights and languages
 
     @property
     def blend(self) -> dict[str, float]:
@@ -274,11 +275,11 @@ class PruneCfg:
 class EvalCfg:
     eval_langs: str = _f(",".join(REQUIRED_LANGS), DENSE)  # comma-separated language codes
     eval_source: str = _f("flores", DENSE, STUDY)  # flores (bundled devtest) | flores_hub
-    eval_tokens: int = _f(2048, DENSE, STUDY)  # token budget per language for perplexity; 0 = all text
-    eval_part: str = _f("all", DENSE)  # all | selection (first half of the sentences) | verdict (second half)
+    eval_tokens: int = _f(2048, DENSE, STUDY)  # perplexity tokens per language; 0 = all text
+    eval_part: str = _f("all", DENSE)  # all | selection (1st half of sentences) | verdict (2nd)
     eval_seq_len: int = _f(512, DENSE, STUDY)  # perplexity window (non-overlapping)
     eval_batch_size: int = _f(4, DENSE)
-    tasks: str = _f("sib200,xnli,belebele", DENSE)  # bundled suite; any lm-eval task name also works
+    tasks: str = _f("sib200,xnli,belebele", DENSE)  # bundled suites; any lm-eval task name works
     limit: int = _f(8, DENSE, STUDY_TASKS)  # documents per task and language; 0 = all
     num_fewshot: int = _f(0, DENSE, STUDY_TASKS)
 
@@ -329,7 +330,7 @@ class SweepCfg:
     sweep_langs: str = ",".join(REQUIRED_LANGS)  # calibration languages of the grid
     sweep_methods: str = "wanda,sparsegpt"
     sweep_sets: int = 1  # calibration sets per language (3 for intra-language IoU)
-    sweep_blends: str = ""  # extra calibration rows, ";"-separated: uniform | *+en | de+en | de:0.3,en:0.7
+    sweep_blends: str = ""  # extra rows, ";"-separated: uniform | *+en | de+en | de:0.3,en:0.7
     sweep_sparsities: str = ""  # "" = just sparsity; e.g. 0.2,0.5: every cell at each
 
     def __post_init__(self) -> None:
@@ -342,7 +343,7 @@ class SweepCfg:
             raise LangpruneError(f"sweep_sets must be >= 1, got {self.sweep_sets}")
         for blend in self.blend_rows():
             CalibCfg(calib_blend=blend)  # languages known, weights summing to 1
-        self.sparsity_list  # validates
+        _ = self.sparsity_list  # validates
 
     def blend_rows(self) -> list[str]:
         """The extra calibration rows as canonical blend strings, in the order given.
@@ -409,13 +410,13 @@ class AnalysisCfg:
 
 @dataclass(frozen=True)
 class SearchCfg:
-    target_lang: str = _f("sw", STUDY, TRIAL)  # the language whose objective the blend search optimises
-    objective: str = _f("ppl", STUDY, TRIAL)  # ppl | bpb | <task> | weighted mix "ppl:0.5,sib200:0.5"
+    target_lang: str = _f("sw", STUDY, TRIAL)  # the language whose objective the search optimises
+    objective: str = _f("ppl", STUDY, TRIAL)  # ppl | bpb | <task> | mix "ppl:0.5,sib200:0.5"
     languages: str = ",".join(REQUIRED_LANGS)  # candidate pool of calibration languages
     n_trials: int = 20
     study_name: str = ""  # "" = blend-<target>-<method>-<objective>-<mode>
     storage: str = ""  # "" = sqlite:///optuna.db in the working directory; any Optuna RDB URL
-    mode: str = _f("fast", STUDY, TRIAL)  # fast = cached per-language statistics; exact = full prune per trial
+    mode: str = _f("fast", STUDY, TRIAL)  # fast = cached language statistics; exact = full prune
     enqueue_single: bool = False  # also enqueue every single-language blend
     verdict_sets: int = 3  # calibration sets for the best-vs-target-only comparison
     search_eval_tokens: int = _f(1024, STUDY, TRIAL)  # target-language perplexity budget per trial
@@ -438,7 +439,7 @@ class SearchCfg:
                     f"unknown storage scheme {scheme!r} in {self.storage!r}; use sqlite:///FILE,"
                     " postgresql+psycopg2://... or mysql://..."
                 )
-        self.objective_terms  # validates
+        _ = self.objective_terms  # validates
 
     @property
     def objective_terms(self) -> dict[str, float]:

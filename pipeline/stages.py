@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 

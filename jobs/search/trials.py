@@ -58,10 +58,10 @@ from pipeline.engine.blend import (
 from pipeline.models import DenseSnapshot
 from pipeline.pruners import SparsityTarget, pruner_from_config, target_from_config
 from tracking import optuna_mlflow as OM
-from tracking.logging import log_records
 from tracking import optuna_storage as OS
 from tracking import params as P
 from tracking import runs as R
+from tracking.logging import log_records
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ search's ``calib_set`` (:func:`verdict_calib_sets`; params ``search_calib_set`` 
 ``verdict_calib_sets``), evaluated on the target language only (``eval_tokens``, the
 objective's tasks) on the second half of the evaluation sentences, while every trial scored
 the first half (``eval_part``; param ``verdict_eval_text``). So neither the calibration
-windows nor the text the blend was picked on is evidence in its confirmation. The per-set differences (positive = blend better)
+windows nor the text the blend was picked on is evidence in its confirmation. The per-set
+differences (positive = blend better)
 give a mean and a 95% paired t-interval; the answer is ``yes`` if the interval excludes 0 in
 favour of the blend, ``no`` if in favour of target-only, else ``inconclusive``. If the best
 blend found is target-only itself, the best *non-target* blend is re-run against it instead

@@ -31,7 +31,7 @@ def owl_ratios(model: nn.Module, windows: Tensor, *, m: float, device: torch.dev
         with models.onloaded(layer, device, offload), torch.inference_mode():
             linears = models.find_linears(layer)
             stats = {n: ColumnSquares(lin.in_features, device) for n, lin in linears.items()}
-            with input_hooks(linears, lambda name, x: stats[name].add_batch(x)):
+            with input_hooks(linears, lambda name, x, s=stats: s[name].add_batch(x)):
                 for inp in inputs:
                     inp.hidden_states = inp.call(layer, i)  # dense outputs feed the next
             ratios.append(wanda_outlier_ratio([lin.weight for lin in linears.values()],

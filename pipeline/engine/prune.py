@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from pipeline import models
 from pipeline.engine.groups import InputGroup, discover_input_groups, input_hooks
-from pipeline.engine.sequential import PausedForwards
 from pipeline.engine.inputs import (
     LayerInput,
     _calibration_mode,
@@ -33,6 +32,7 @@ from pipeline.engine.inputs import (
     _sync,
     check_windows,
 )
+from pipeline.engine.sequential import PausedForwards
 from pipeline.errors import LangpruneError
 from pipeline.masks import PackedMask, pack_mask
 from pipeline.pruners import LayerPruner, SparsityTarget, Statistic

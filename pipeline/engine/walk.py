@@ -10,8 +10,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline import models
-from pipeline.engine.inputs import LayerInput, _capture, _embedding_placement, _prepare
-from pipeline.engine.inputs import check_windows, run_layer
+from pipeline.engine.inputs import (
+    LayerInput,
+    _capture,
+    _embedding_placement,
+    _prepare,
+    check_windows,
+    run_layer,
+)
 
 
 @dataclass

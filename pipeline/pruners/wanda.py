@@ -17,7 +17,6 @@ shared by linears reading the same input) -> :meth:`WandaPruner.prune`.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from pipeline.errors import LangpruneError

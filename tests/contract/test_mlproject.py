@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from mlflow.projects._project_spec import load_project
 

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config
 from jobs.main import run_main
+from pipeline.config import Config
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,8 @@ SMALL = {  # a small test config: tiny model, few windows, short evaluation
 
 def mlflow_run(server, model_dir: Path, calib_lang: str, tmp: Path) -> subprocess.CompletedProcess:
     args = [str(VENV_BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local",
-            "--experiment-name", "e2e", "-P", f"calib_lang={calib_lang}", "-P", f"model={model_dir}"]
+            "--experiment-name", "e2e", "-P", f"calib_lang={calib_lang}",
+            "-P", f"model={model_dir}"]
     for k, v in SMALL.items():
         args += ["-P", f"{k}={v}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.url,

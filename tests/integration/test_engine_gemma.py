@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.engine import layerwise_forward
-from tests.tiny import prune_layerwise
 from pipeline.config import ModelCfg
+from pipeline.engine import layerwise_forward
 from pipeline.pruners import SparsityTarget
 from pipeline.sparsity import sparsity_tables
+from tests.tiny import prune_layerwise
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")

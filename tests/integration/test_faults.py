@@ -27,9 +27,9 @@ from optuna.trial import TrialState
 
 from jobs import search as S
 from jobs.cli import main as cli_main
+from jobs.main import run_main
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
-from jobs.main import run_main
 from pipeline.masks import load_masks
 from pipeline.paths import REPO_ROOT
 from tests.servers import wait_http

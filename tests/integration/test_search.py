@@ -71,7 +71,7 @@ def _check_point(point: S.BlendPoint, pool: list[str], n: int) -> None:
 def test_every_raw_point_is_a_valid_blend():
     rng = np.random.default_rng(0)
     pool = ["ar", "de", "en", "sw", "zh"]
-    for i in range(400):
+    for _ in range(400):
         raw = rng.random(len(pool))
         raw[rng.random(len(pool)) < 0.3] = 0.0  # exact zeros, sometimes all of them
         n = int(rng.integers(1, 64))

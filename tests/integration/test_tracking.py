@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from jobs.main import run_main
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
-from jobs.main import run_main
 from tracking import params as P
 from tracking import runs as R
 

@@ -14,9 +14,9 @@ import pipeline.engine.groups as groups_mod
 import pipeline.engine.inputs as inputs_mod
 import pipeline.engine.prune as prune_mod
 import pipeline.models as models_mod
+from pipeline.config import ModelCfg
 from pipeline.engine.inputs import _embedding_placement
 from pipeline.engine.prune import _make_stats, _Run
-from pipeline.config import ModelCfg
 from pipeline.errors import LangpruneError
 from pipeline.models import decoder_layers, find_linears, onloaded, resolve_device, resolve_dtype
 from pipeline.pruners import ColumnSquares, Hessian, SparsityTarget, make_pruner

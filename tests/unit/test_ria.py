@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline import stages
-from pipeline.engine import prune_layerwise
 from pipeline.config import Config
+from pipeline.engine import prune_layerwise
 from pipeline.errors import LangpruneError
 from pipeline.pruners import (
     PRUNERS,

@@ -11,7 +11,8 @@ from analysis.stats import wilson_interval
 
 
 def _records(task: str, lang: str, correct: list[bool], n_choices: int) -> pd.DataFrame:
-    return pd.DataFrame({"task": task, "lang": lang, "doc_id": [str(i) for i in range(len(correct))],
+    ids = [str(i) for i in range(len(correct))]
+    return pd.DataFrame({"task": task, "lang": lang, "doc_id": ids,
                          "gold": 0, "pred": [0 if c else 1 for c in correct],
                          "correct": correct, "loglik": [[0.0] * n_choices] * len(correct),
                          "n_choices": n_choices})

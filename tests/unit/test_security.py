@@ -142,8 +142,8 @@ class _Payload:
 def test_mask_and_statistics_files_never_unpickle(tmp_path, writer):
     """A pickle (or a ``torch.save`` zip) put where a mask file or a cached statistics file
     belongs is refused as not-safetensors; its payload never runs."""
-    from pipeline.masks import load_masks, read_metadata
     from pipeline.engine.blend import load_stats
+    from pipeline.masks import load_masks, read_metadata
 
     marker = tmp_path / "payload-ran"
     for name in ("masks.safetensors", "stats.safetensors"):
