@@ -10,6 +10,8 @@ per layer (:func:`pipeline.engine.prune_layerwise`, ``layer_sparsities``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -31,12 +33,19 @@ def owl_ratios(model: nn.Module, windows: Tensor, *, m: float, device: torch.dev
         with models.onloaded(layer, device, offload), torch.inference_mode():
             linears = models.find_linears(layer)
             stats = {n: ColumnSquares(lin.in_features, device) for n, lin in linears.items()}
-            with input_hooks(linears, lambda name, x, s=stats: s[name].add_batch(x)):
+            with input_hooks(linears, _feeder(stats)):
                 for inp in inputs:
                     inp.hidden_states = inp.call(layer, i)  # dense outputs feed the next
             ratios.append(wanda_outlier_ratio([lin.weight for lin in linears.values()],
                                               [stats[n].col_norms() for n in linears], m))
     return ratios
+
+
+def _feeder(stats: dict[str, ColumnSquares]) -> Callable[[str, Tensor], None]:
+    def feed(name: str, x: Tensor) -> None:
+        stats[name].add_batch(x)
+
+    return feed
 
 
 def owl_layer_sparsities(model: nn.Module, windows: Tensor, sparsity: float, *, m: float,
