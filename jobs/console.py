@@ -103,6 +103,27 @@ def print_summary(title: str, metrics: Mapping[str, float], langs: Sequence[str]
     print("\n".join(lines), file=sys.stdout, flush=True)
 
 
+def print_sweep_summary(parent_id: str, dense_id: str, members: Sequence[Mapping[str, str]]
+                        ) -> None:
+    """The sweep's cells (run, row, status) and the commands that compare them.
+
+    No scores here: comparing cells needs the paired intervals the report computes.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame([{"method": m.get("method", ""), "sparsity": m.get("sparsity", ""),
+                           "row": m.get("row", m.get("calib_lang", "")),
+                           "set": m.get("calib_set", ""), "run": m.get("run_id", "") or "-",
+                           "status": "reused" if m.get("reused") == "true" else
+                           m.get("status", "")} for m in members])
+    lines = [f"\nsweep {parent_id}: {len(members)} cells, dense baseline {dense_id}",
+             table.to_string(index=False) if len(table) else "(no cells)",
+             f"compare them (paired intervals): python -m pipeline analyze sweep_run={parent_id}"
+             f" && python -m pipeline report sweep_run={parent_id}",
+             f"to look at them: {ui_command()}"]
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
 def summarise_run(cfg: Config, run_id: str, dense: bool = False) -> None:
     """:func:`print_summary` of a finished (or reused) run, read back from the store; a
     pruned run is shown against its dense baseline (tag ``langprune.dense_run``)."""

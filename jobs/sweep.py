@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from jobs.console import print_sweep_summary
 from jobs.main import _load, preflight, run_dense, run_main
 from pipeline.config import Config, split_list
 from pipeline.models import DenseSnapshot
@@ -69,5 +70,5 @@ def run_sweep(cfg: Config) -> str:
         parent.set_tags({P.TAG_DENSE: dense_id, "langprune.members": str(len(members)),
                          "langprune.failed_cells": str(len(failed))})
         parent.finish(state="complete" if not failed else "incomplete")
-    print(f"sweep run {parent.run_id}: {len(members)} cells, dense {dense_id}")
+    print_sweep_summary(parent.run_id, dense_id, members)
     return parent.run_id

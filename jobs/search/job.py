@@ -247,7 +247,11 @@ def _print_result(name: str, url: str, summary: OM.StudySummary, verdict: Verdic
         print(f"best trial {summary.best_trial}: {summary.best_blend} "
               f"({cfg.search.objective} {summary.best_value:.4g}); target-only "
               f"{summary.target_only_value:.4g}; improvement {summary.improvement:+.4g} "
-              f"(run {summary.best_run})")
+              f"(run {summary.best_run}; selection values, single runs: the verdict's paired "
+              "interval on fresh data is the comparison)")
     if verdict is not None:
         print(verdict.statement)
         print(verdict.detail)
+    from jobs.console import ui_command
+
+    print(f"to look at the study's runs: {ui_command()}")
