@@ -55,6 +55,8 @@ class Verdict:
         ci_high: Upper end.
         t_quantile: The t quantile used.
         pairs: Per set: values, run ids, or the error.
+        documents: For a single-task objective, the comparison paired over calibration sets
+            and documents (``jobs.search.doc_pairing``), which then decides ``answer``.
     """
 
     target: str
@@ -68,6 +70,7 @@ class Verdict:
     ci_high: float
     t_quantile: float
     pairs: list[dict[str, Any]]
+    documents: dict[str, Any] | None = None  # task objectives: pairing over sets x documents
 
 
 # ---- the arithmetic ------------------------------------------------------------------------
@@ -186,11 +189,33 @@ def run_verdict(ctx: _Search, study: optuna.Study) -> Verdict:
     only = blend_from_raw(single(ctx.pool, target), n)
     check_verdict_corpora(ctx, [best, only])
     diffs, pairs = _paired_runs(ctx, best, only)
-    verdict = make_verdict(target, best.label, diffs, pairs, ctx.cfg.search.objective)
+    verdict = _with_documents(ctx, make_verdict(target, best.label, diffs, pairs,
+                                                ctx.cfg.search.objective))
     if is_best:
         return verdict
     return dataclasses.replace(verdict, detail="the search's best blend was target-only; "
                                "re-ran the best non-target blend. " + verdict.detail)
+
+
+def _with_documents(ctx: _Search, verdict: Verdict) -> Verdict:
+    """For a single-task objective: the answer from the pairing over sets and documents."""
+    from jobs.search.doc_pairing import paired_over_documents, task_of
+
+    task = task_of(ctx.objective.terms)
+    paired = (None if task is None else
+              paired_over_documents(task, ctx.objective.target, verdict.pairs, ctx.cfg.run.seed))
+    if paired is None:
+        return verdict
+    cmp, n_docs = paired
+    answer = {"better": "yes", "worse": "no"}.get(cmp.verdict, "inconclusive")
+    detail = (f"{verdict.detail}. Paired over {cmp.n_sets} calibration sets and {n_docs} "
+              f"documents (two-level bootstrap): accuracy difference {cmp.estimate:+.3f}, "
+              f"95% CI [{cmp.low:.3f}, {cmp.high:.3f}] ({cmp.verdict}); the answer follows it")
+    return dataclasses.replace(
+        verdict, answer=answer, detail=detail,
+        statement=f"a non-target blend beats target-only for {verdict.target}: {answer}",
+        documents={"n_docs": n_docs, "n_sets": cmp.n_sets, "difference": cmp.estimate,
+                   "ci_low": cmp.low, "ci_high": cmp.high, "outcome": cmp.verdict})
 
 
 def _paired_runs(ctx: _Search, best: BlendPoint,
