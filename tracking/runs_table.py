@@ -10,8 +10,8 @@ readers and writers agree on one spelling. Writing goes through :class:`tracking
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
