@@ -147,7 +147,8 @@ def matrix_heatmap(
     colors = values / _column_means(matrix) if relative_to_column else values
     n_rows, n_cols = values.shape
     tall = 1.6 if texts is not None else 1.0  # two-line cells need the room
-    with _figure(1.1 + (1.0 if texts is not None else 0.75) * n_cols,
+    width = 1.1 + 0.75 * n_cols if texts is None else max(4.2, 1.6 + 1.0 * n_cols)
+    with _figure(width,
                  1.0 + 0.45 * tall * n_rows) as fig:
         ax = fig.subplots()
         image = ax.imshow(

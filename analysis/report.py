@@ -62,7 +62,7 @@ def _error_bar_file(folder: Path, task: str, group: Group, matrix: pd.DataFrame,
         RC.error_series(columns, matrix), [str(c) for c in matrix.columns],
         folder / f"{task}_errorbars_{group.method}{group.suffix}.png",
         reference=RC.dense_series(columns, matrix, dense), ylabel=f"{task} accuracy",
-        title=f"{task}, {group.label}: accuracy with 95% intervals per calibration row")
+        title=f"{task}, {group.label}\naccuracy with 95% intervals per calibration row")
 
 
 def ppl_and_task_files(inputs: ReportInputs, folder: Path,

@@ -18,8 +18,7 @@ from analysis import comparisons as C
 from analysis.report_tables import Group, ReportInputs, groups
 
 Compared = Mapping[tuple[Group, str], Sequence[C.Column]]  # (group, metric) -> columns
-CELL_NOTE = ("cells: value [95% interval]; hatched: indistinguishable from the target row "
-             "(paired, same documents/windows)")
+CELL_NOTE = "cells: value [95% interval]\nhatched: indistinguishable from the target row"
 
 
 def _records(inputs: ReportInputs, metric: str) -> tuple[pd.DataFrame | None,
