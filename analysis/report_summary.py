@@ -115,6 +115,10 @@ def _metric_section(inputs: ReportInputs, prefix: str, title: str, better: str, 
             tally = (paired if paired is not None else {}).setdefault(kind, {})
             blocks += _paired_blocks(group.label, columns, int(spec[1]), unit,
                                      tally.setdefault(group.label, []))
+            missing = len(findings) - len(cases(columns))
+            if missing > 0:
+                blocks.append(("p", f"{missing} evaluation language(s) with a target row but "
+                                    "no per-document records: not compared."))
             blocks.append(("p", f"{group.label}, by point estimate only: {head}{tail}"))
         else:
             blocks.append(("p", f"{group.label}: no per-document records: no intervals."))
