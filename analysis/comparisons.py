@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats as S
+from pipeline.errors import LangpruneError
 
 DOC_KEYS = ("task", "lang", "doc_id")
 WINDOW_KEYS = ("lang", "window")
@@ -258,9 +259,16 @@ def column(records: pd.DataFrame | None, dense: pd.DataFrame | None, runs: pd.Da
     if lang not in rows:
         return Column(lang, intervals, {}, None)
     target = rows[lang]
-    versus = {row: compare(target, frames, metric)
-              for row, frames in sorted(rows.items()) if row != lang}
-    return Column(lang, intervals, versus, _case(rows, dense, metric, lang, versus))
+    versus = {}
+    for row, frames in sorted(rows.items()):
+        if row == lang:
+            continue
+        try:
+            versus[row] = compare(target, frames, metric)
+        except LangpruneError:  # no shared document or window: nothing to pair, no verdict
+            continue
+    usable = {row: frames for row, frames in rows.items() if row == lang or row in versus}
+    return Column(lang, intervals, versus, _case(usable, dense, metric, lang, versus))
 
 
 def _case(rows: Mapping[str, Frames], dense: pd.DataFrame | None, metric: str, lang: str,

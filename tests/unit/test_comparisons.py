@@ -94,3 +94,10 @@ def test_no_target_row_gives_intervals_but_no_case():
     col = C.column(records, None, RUNS, "sib200", "de")
     assert col.case is None and set(col.intervals) == {"en"}
     assert C.column(None, None, RUNS, "sib200", "de").intervals == {}
+
+
+def test_a_row_sharing_no_document_with_the_target_is_not_compared():
+    records = pd.concat([_docs("t", [1, 0] * 10), _docs("o", [1] * 20, start=100),
+                         _docs("b", [1, 1, 0, 0] * 5)])
+    col = C.column(records, None, RUNS, "sib200", "de")
+    assert set(col.versus_target) == {"de+en"} and col.case.other_row == "de+en"
