@@ -90,8 +90,8 @@ def _hatch(ax: Axes, hatched: np.ndarray) -> None:
     """Grey hatching over the cells marked True."""
     for (i, j), flag in np.ndenumerate(hatched):
         if flag:
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
-                                   edgecolor="grey", linewidth=0))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
+                                   edgecolor="lightgrey", linewidth=0))
 
 
 def _column_means(matrix: pd.DataFrame) -> np.ndarray:

@@ -48,6 +48,8 @@ def _matrix_files(folder: Path, name: str, matrix: pd.DataFrame, title: str, bet
         files.append(write_csv(RC.interval_frame(columns, matrix),
                                folder / f"{name}_intervals.csv"))
         texts = RC.cell_texts(columns, matrix, int(fmt[1]))
+        if reference:
+            texts = np.vstack([texts, RC.dense_texts(columns, matrix, reference, int(fmt[1]))])
         hatched = RC.indistinguishable(columns, matrix)
         title += f"\n{RC.CELL_NOTE}"
     files.append(plots.matrix_heatmap(matrix, folder / f"{name}.png", title=title, better=better,

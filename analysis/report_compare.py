@@ -124,3 +124,15 @@ def dense_series(columns: Sequence[C.Column], matrix: pd.DataFrame,
         value = dense.get(str(lang), math.nan)
         out.append((ival.value, ival.low, ival.high) if ival else (value, math.nan, math.nan))
     return out
+
+
+def dense_texts(columns: Sequence[C.Column], matrix: pd.DataFrame,
+                dense: Mapping[str, float], digits: int) -> np.ndarray:
+    """The dense reference row's cell texts, with its interval where records give one."""
+    out = []
+    for value, low, high in dense_series(columns, matrix, dense):
+        text = "–" if math.isnan(value) else f"{value:.{digits}f}"
+        if not math.isnan(value) and not math.isnan(low):
+            text += f"\n[{low:.{digits}f}, {high:.{digits}f}]"
+        out.append(text)
+    return np.array([out], dtype=object)
