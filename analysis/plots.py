@@ -72,16 +72,26 @@ def best_cells(matrix: pd.DataFrame, better: str = "min") -> dict[str, str]:
     return best
 
 
-def _annotate(ax: Axes, image: AxesImage, values: np.ndarray, fmt: str) -> None:
-    """Write each cell's value, white on dark cells and black on light ones."""
+def _annotate(ax: Axes, image: AxesImage, values: np.ndarray, fmt: str,
+              texts: np.ndarray | None = None) -> None:
+    """Write each cell's value (or its given text), white on dark cells, black on light."""
     rgba = np.asarray(image.cmap(image.norm(np.asarray(image.get_array()))))
     for (i, j), value in np.ndenumerate(values):
         text = "–" if math.isnan(value) else format(value, fmt)
+        if texts is not None and i < texts.shape[0]:
+            text = str(texts[i, j])
         r, g, b = rgba[i, j, :3]
         dark = not math.isnan(value) and 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-        ax.text(
-            j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black"
-        )
+        ax.text(j, i, text, ha="center", va="center", fontsize=7 if "\n" in text else 8,
+                color="white" if dark else "black")
+
+
+def _hatch(ax: Axes, hatched: np.ndarray) -> None:
+    """Grey hatching over the cells marked True."""
+    for (i, j), flag in np.ndenumerate(hatched):
+        if flag:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
+                                   edgecolor="lightgrey", linewidth=0))
 
 
 def _column_means(matrix: pd.DataFrame) -> np.ndarray:
@@ -103,6 +113,8 @@ def matrix_heatmap(
     fmt: str = ".2f",
     relative_to_column: bool = True,
     colorbar_label: str = "",
+    texts: np.ndarray | None = None,
+    hatched: np.ndarray | None = None,
 ) -> Path:
     """Heatmap of a calibration x evaluation matrix, best cell per column starred.
 
@@ -119,6 +131,8 @@ def matrix_heatmap(
         relative_to_column: Colour by value / column mean over the calibration rows, so
             languages with very different scales share one colour map; otherwise raw values.
         colorbar_label: Colour bar label (a default names the colouring).
+        texts: Optional text per matrix cell (e.g. value and interval), replacing ``fmt``.
+        hatched: Optional booleans per matrix cell: True cells are drawn hatched.
 
     Returns:
         ``path``.
@@ -132,12 +146,17 @@ def matrix_heatmap(
         rows.append(reference_label)
     colors = values / _column_means(matrix) if relative_to_column else values
     n_rows, n_cols = values.shape
-    with _figure(1.1 + 0.75 * n_cols, 1.0 + 0.45 * n_rows) as fig:
+    tall = 1.6 if texts is not None else 1.0  # two-line cells need the room
+    width = 1.1 + 0.75 * n_cols if texts is None else max(4.2, 1.6 + 1.0 * n_cols)
+    with _figure(width,
+                 1.0 + 0.45 * tall * n_rows) as fig:
         ax = fig.subplots()
         image = ax.imshow(
             _finite(colors), cmap="viridis_r" if better == "min" else "viridis", aspect="auto"
         )
-        _annotate(ax, image, values, fmt)
+        _annotate(ax, image, values, fmt, texts)
+        if hatched is not None:
+            _hatch(ax, hatched)
         for col, row in stars.items():
             ax.scatter(
                 [matrix.columns.get_loc(col) + 0.36],

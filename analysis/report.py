@@ -11,56 +11,117 @@ therefore give byte-identical files.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from analysis import plots
+from analysis import plots, plots_intervals
+from analysis import report_compare as RC
+from analysis.comparisons import Column
 from analysis.report_summary import render_html, render_markdown, summary_blocks
 from analysis.report_tables import (
+    Group,
     ReportInputs,
     dense_reference,
+    groups,
     has_metric,
-    methods,
     metric_matrix,
     normalise,
     snr_layer_series,
     write_csv,
 )
 
-
 # ---- figures ---------------------------------------------------------------------------------
 
 
 def _matrix_files(folder: Path, name: str, matrix: pd.DataFrame, title: str, better: str,
-                  reference: Mapping[str, float] | None, fmt: str) -> list[Path]:
+                  reference: Mapping[str, float] | None, fmt: str,
+                  columns: Sequence[Column] = ()) -> list[Path]:
     csv = matrix.copy()
     if reference:
         csv.loc["dense"] = [reference.get(c, math.nan) for c in csv.columns]
-    return [
-        write_csv(csv, folder / f"{name}.csv", index=True),
-        plots.matrix_heatmap(matrix, folder / f"{name}.png", title=title, better=better,
-                             reference=reference or None, fmt=fmt),
-    ]
+    files = [write_csv(csv, folder / f"{name}.csv", index=True)]
+    texts = hatched = None
+    if columns:  # records: intervals in the cells, indistinguishable cells hatched
+        files.append(write_csv(RC.interval_frame(columns, matrix),
+                               folder / f"{name}_intervals.csv"))
+        texts = RC.cell_texts(columns, matrix, int(fmt[1]))
+        if reference:
+            texts = np.vstack([texts, RC.dense_texts(columns, matrix, reference, int(fmt[1]))])
+        hatched = RC.indistinguishable(columns, matrix)
+        title += f"\n{RC.CELL_NOTE}"
+    files.append(plots.matrix_heatmap(matrix, folder / f"{name}.png", title=title, better=better,
+                                      reference=reference or None, fmt=fmt, texts=texts,
+                                      hatched=hatched))
+    return files
 
 
-def ppl_and_task_files(inputs: ReportInputs, folder: Path) -> list[Path]:
-    """Per method: the perplexity matrix and one matrix per task (best cell starred)."""
+def _error_bar_file(folder: Path, task: str, group: Group, matrix: pd.DataFrame,
+                    columns: Sequence[Column], dense: Mapping[str, float]) -> Path:
+    return plots_intervals.error_bars(
+        RC.error_series(columns, matrix), [str(c) for c in matrix.columns],
+        folder / f"{task}_errorbars_{group.method}{group.suffix}.png",
+        reference=RC.dense_series(columns, matrix, dense), ylabel=f"{task} accuracy",
+        title=f"{task}, {group.label}\naccuracy with 95% intervals per calibration row")
+
+
+def ppl_and_task_files(inputs: ReportInputs, folder: Path,
+                       compared: RC.Compared | None = None) -> list[Path]:
+    """Per method (and sparsity): the perplexity matrix, one matrix per task (best cell
+    starred, intervals and hatching where records exist) and per task an error-bar figure."""
+    compared = compared if compared is not None else RC.compare_report(inputs)
     files: list[Path] = []
     langs = list(inputs.eval_langs)
-    for method in methods(inputs.runs):
-        ppl = metric_matrix(inputs.runs, method, "ppl", langs)
-        files += _matrix_files(folder, f"ppl_{method}", ppl, f"perplexity, {method}\n"
+    for group in groups(inputs.runs):
+        name = f"{group.method}{group.suffix}"
+        ppl = metric_matrix(inputs.runs, group, "ppl", langs)
+        files += _matrix_files(folder, f"ppl_{name}", ppl, f"perplexity, {group.label}\n"
                                "lower is better, * best calibration", "min",
-                               dense_reference(inputs.dense, "ppl", langs), ".2f")
+                               dense_reference(inputs.dense, "ppl", langs), ".2f",
+                               compared.get((group, "ppl"), ()))
         for task in inputs.tasks:
             if not has_metric(inputs.runs, task, langs):
                 continue
-            matrix = metric_matrix(inputs.runs, method, task, langs).dropna(axis=1, how="all")
-            files += _matrix_files(folder, f"{task}_{method}", matrix, f"{task}, {method}\n"
-                                   "higher is better, * best calibration", "max",
-                                   dense_reference(inputs.dense, task, matrix.columns), ".3f")
+            matrix = metric_matrix(inputs.runs, group, task, langs).dropna(axis=1, how="all")
+            dense = dense_reference(inputs.dense, task, matrix.columns)
+            columns = compared.get((group, task), ())
+            files += _matrix_files(folder, f"{task}_{name}", matrix, f"{task}, {group.label}\n"
+                                   "higher is better, * best calibration", "max", dense, ".3f",
+                                   columns)
+            if columns:
+                files.append(_error_bar_file(folder, task, group, matrix, columns, dense))
+    return files + sparsity_files(inputs, folder)
+
+
+def _mean_over_langs(runs: pd.DataFrame, prefix: str, langs: Sequence[str]) -> pd.Series:
+    cols = [f"{prefix}.{lang}" for lang in langs if f"{prefix}.{lang}" in runs]
+    return runs[cols].apply(pd.to_numeric, errors="coerce").mean(axis=1) if cols else pd.Series()
+
+
+def sparsity_files(inputs: ReportInputs, folder: Path) -> list[Path]:
+    """Per method with several sparsities: each metric (mean over evaluation languages)
+    against sparsity, one line per calibration row, the dense value as a reference."""
+    files: list[Path] = []
+    langs = list(inputs.eval_langs)
+    metrics = ["ppl", *[t for t in inputs.tasks if has_metric(inputs.runs, t, langs)]]
+    for method in sorted({g.method for g in groups(inputs.runs) if g.sparsity is not None}):
+        runs = inputs.runs[inputs.runs["method"] == method]
+        panels, reference = {}, {}
+        for metric in metrics:
+            table = runs.assign(score=_mean_over_langs(runs, metric, langs))
+            means = table.groupby(["calib_lang", "sparsity"], sort=True)["score"].mean()
+            panels[f"{metric} (mean over eval languages)"] = {
+                str(row): {float(s): float(v) for (_, s), v in part.items()}
+                for row, part in means.groupby(level="calib_lang", sort=True)}
+            dense = dense_reference(inputs.dense, metric, langs)
+            if dense:
+                reference[f"{metric} (mean over eval languages)"] = float(np.mean(list(
+                    dense.values())))
+        files.append(plots_intervals.sparsity_lines(
+            panels, folder / f"sparsity_{method}.png", reference=reference,
+            title=f"{method}: scores against sparsity per calibration row"))
     return files
 
 
@@ -166,12 +227,13 @@ def build_report(inputs: ReportInputs, folder: str | Path, title: str = "") -> l
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     inputs = normalise(inputs)
-    files = ppl_and_task_files(inputs, out)
+    compared = RC.compare_report(inputs)
+    files = ppl_and_task_files(inputs, out, compared)
     files += iou_files(inputs, out)
     files += lsar_files(inputs, out) + lape_files(inputs, out) + snr_files(inputs, out)
     files.append(write_csv(inputs.runs, out / "runs.csv"))
     title = title or f"langprune report, sweep {inputs.sweep_run}"
-    blocks = summary_blocks(inputs, title)
+    blocks = summary_blocks(inputs, title, compared)
     existing = {p.name for p in files}
     (out / "summary.md").write_text(render_markdown(blocks, existing), encoding="utf-8")
     (out / "summary.html").write_text(render_html(blocks, existing, title), encoding="utf-8")

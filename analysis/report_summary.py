@@ -12,16 +12,19 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from analysis.comparisons import Case, Column, cases, verdicts
 from analysis.iou import random_iou_baseline
+from analysis.report_compare import Compared
 from analysis.report_tables import (
     Finding,
     ReportInputs,
+    groups,
     has_metric,
-    methods,
     metric_matrix,
     snr_layer_series,
     target_findings,
 )
+from analysis.stats import UNINFORMATIVE, Interval, fmt_interval, headline
 
 Block = tuple[str, object]  # ("h1"|"h2"|"p", text) | ("ul", [text]) | ("img", (alt, file))
 
@@ -32,7 +35,7 @@ def _fmt(value: float, spec: str) -> str:
 
 def finding_sentences(
     findings: Sequence[Finding], what: str, spec: str, better_word: str
-) -> tuple[str, list[str]]:
+) -> tuple[str, list[str], list[str]]:
     """A count sentence, and bullets: where another language wins, and by how much the
     target wins elsewhere (against the best other calibration language)."""
     wins = [f.eval_lang for f in findings if f.target_best]
@@ -53,25 +56,82 @@ def finding_sentences(
     return head, others, margins
 
 
+def _ival(i: Interval | None, digits: int) -> str:
+    return "n/a" if i is None else fmt_interval(i.value, i.low, i.high, digits)
+
+
+def case_sentence(case: Case, digits: int) -> str:
+    """One case: both rows' values with intervals, the paired difference (or ratio) with its
+    interval and verdict, the shared units (and any dropped), and the target against dense."""
+    what = "ppl" if case.metric == "ppl" else "accuracy"
+    unit = "windows" if case.metric == "ppl" else "documents"
+    head = f"{case.lang}: "
+    if case.verdict == UNINFORMATIVE:
+        head += (f"uninformative for this model (dense accuracy {_ival(case.dense, digits)}, "
+                 f"chance {case.chance:.{digits}f}); ")
+    pair = case.paired
+    if pair is None:
+        return head + "no other calibration row to compare with"
+    c = pair.comparison
+    kind = "ratio" if case.metric == "ppl" else "difference"
+    diff = fmt_interval(c.estimate, c.low, c.high, 3)
+    text = (f"{what} {_ival(pair.a, digits)} with {case.lang} vs {_ival(pair.b, digits)} with "
+            f"{case.other_row} (best other row); {kind} {diff} ({c.method}), {c.verdict}; "
+            f"{pair.n} {unit}")
+    if pair.dropped:
+        text += f" ({pair.dropped} {unit} dropped: not evaluated in both rows)"
+    if case.vs_dense is not None:
+        d = case.vs_dense
+        text += f"; vs dense: {kind} {fmt_interval(d.estimate, d.low, d.high, 3)}, {d.verdict}"
+    return head + text
+
+
+def _paired_blocks(label: str, columns: Sequence[Column], digits: int, unit: str,
+                   tally: list[str]) -> list[Block]:
+    found = cases(columns)
+    found_verdicts = verdicts(found)
+    tally += found_verdicts
+    return [("p", f"{label}, paired on the same {unit}: {headline(found_verdicts)}:"),
+            ("ul", [case_sentence(c, digits) for c in found] or ["no target-language row"])]
+
+
 def _metric_section(inputs: ReportInputs, prefix: str, title: str, better: str, spec: str,
-                    totals: dict[str, list[int]]) -> list[Block]:
+                    totals: dict[str, list[int]], compared: Compared | None = None,
+                    paired: dict[str, dict[str, list[str]]] | None = None) -> list[Block]:
     blocks: list[Block] = [("h2", title)]
     word = "best (ties included)"
-    for method in methods(inputs.runs):
-        matrix = metric_matrix(inputs.runs, method, prefix, list(inputs.eval_langs))
+    kind = prefix if prefix == "ppl" else "tasks"
+    unit = "windows" if prefix == "ppl" else "documents"
+    for group in groups(inputs.runs):
+        matrix = metric_matrix(inputs.runs, group, prefix, list(inputs.eval_langs))
         findings = target_findings(matrix, better)
         head, others, margins = finding_sentences(findings, prefix, spec, word)
-        count = totals.setdefault(prefix if prefix == "ppl" else "tasks", [0, 0])
+        count = totals.setdefault(kind, [0, 0])
         count[0] += sum(f.target_best for f in findings)
         count[1] += len(findings)
+        columns = (compared or {}).get((group, prefix))
         tail = "; another language wins for:" if others else "."
-        blocks.append(("p", f"{method}: {head}{tail}"))
+        if columns:
+            tally = (paired if paired is not None else {}).setdefault(kind, {})
+            blocks += _paired_blocks(group.label, columns, int(spec[1]), unit,
+                                     tally.setdefault(group.label, []))
+            missing = len(findings) - len(cases(columns))
+            if missing > 0:
+                blocks.append(("p", f"{missing} evaluation language(s) with a target row but "
+                                    "no per-document records: not compared."))
+            blocks.append(("p", f"{group.label}, by point estimate only: {head}{tail}"))
+        else:
+            blocks.append(("p", f"{group.label}: no per-document records: no intervals."))
+            blocks.append(("p", f"{group.label}: {head}{tail}"))
         if others:
             blocks.append(("ul", others))
         if margins:
             blocks += [("p", "Where the target language is best:"), ("ul", margins)]
-        image = f"{prefix}_{method}.png"
-        blocks.append(("img", (f"{title}, {method}", image)))
+        name = f"{group.method}{group.suffix}"
+        blocks.append(("img", (f"{title}, {group.label}", f"{prefix}_{name}.png")))
+        if prefix != "ppl":
+            blocks.append(("img", (f"{title} with intervals, {group.label}",
+                                   f"{prefix}_errorbars_{name}.png")))
     return blocks
 
 
@@ -147,23 +207,55 @@ def _snr_items(inputs: ReportInputs) -> list[str]:
     return items
 
 
-def summary_blocks(inputs: ReportInputs, title: str) -> list[Block]:
-    """The summary as blocks: headline counts first, then one section per analysis."""
-    totals: dict[str, list[int]] = {}
-    sections = _metric_section(inputs, "ppl", "Perplexity", "min", ".2f", totals)
-    for task in inputs.tasks:
-        if has_metric(inputs.runs, task, list(inputs.eval_langs)):
-            sections += _metric_section(inputs, task, f"Task {task}", "max", ".3f", totals)
-    headline = []
+def _headline(totals: dict[str, list[int]], paired: dict[str, dict[str, list[str]]]
+              ) -> list[str]:
+    lines = []
+    for key, what in (("ppl", "perplexity"), ("tasks", "tasks")):
+        for label, found in sorted(paired.get(key, {}).items()):
+            lines.append(f"{label}, {what}: {headline(found)}.")
     for key, label in (("ppl", "the lowest perplexity"), ("tasks", "the best task score")):
         if key in totals and totals[key][1]:
             won, total = totals[key]
-            headline.append(f"Target-language calibration gives {label} in {won} of {total} "
-                            f"(method, evaluation language{', task' if key == 'tasks' else ''}) "
-                            f"cases ({100 * won / total:.0f}%; ties count as best).")
+            lines.append(f"By point estimate: target-language calibration gives {label} in "
+                         f"{won} of {total} (method, evaluation language"
+                         f"{', task' if key == 'tasks' else ''}) cases ({100 * won / total:.0f}%;"
+                         " ties count as best)" + ("." if key in paired else
+                                                   "; no per-document records: no intervals."))
+    return lines
+
+
+def _sparsity_section(inputs: ReportInputs) -> list[Block]:
+    grid = sorted({g.method for g in groups(inputs.runs) if g.sparsity is not None})
+    if not grid:
+        return []
+    return [("h2", "Sparsity"), ("p", "Scores (mean over evaluation languages) against "
+                                      "sparsity, one line per calibration row; dashed: dense.")
+            ] + [("img", (f"sparsity, {m}", f"sparsity_{m}.png")) for m in grid]
+
+
+def summary_blocks(inputs: ReportInputs, title: str,
+                   compared: Compared | None = None) -> list[Block]:
+    """The summary as blocks: headline counts first, then one section per analysis.
+
+    Args:
+        inputs: The report's inputs.
+        title: The page title.
+        compared: The paired comparisons (:func:`analysis.report_compare.compare_report`);
+            None states point estimates only.
+    """
+    totals: dict[str, list[int]] = {}
+    paired: dict[str, dict[str, list[str]]] = {}
+    sections = _metric_section(inputs, "ppl", "Perplexity", "min", ".2f", totals, compared,
+                               paired)
+    for task in inputs.tasks:
+        if has_metric(inputs.runs, task, list(inputs.eval_langs)):
+            sections += _metric_section(inputs, task, f"Task {task}", "max", ".3f", totals,
+                                        compared, paired)
+    headline_lines = _headline(totals, paired)
     return [("h1", title), ("p", f"Sweep run {inputs.sweep_run}."), ("h2", "Headline"),
-            ("ul", headline or ["No pruned runs with same-language calibration."]),
-            *sections, *_iou_section(inputs), *_analysis_sections(inputs)]
+            ("ul", headline_lines or ["No pruned runs with same-language calibration."]),
+            *sections, *_sparsity_section(inputs), *_iou_section(inputs),
+            *_analysis_sections(inputs)]
 
 
 def render_markdown(blocks: Sequence[Block], existing: set[str]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,12 @@ class ReportInputs:
         lsar: Rows of every run's LSAR table plus :data:`RUN_KEYS`.
         lape: Rows of every run's LAPE table plus :data:`RUN_KEYS`.
         lape_scores: ``"dense"`` or a run id -> LAPE score of every FFN neuron.
+        task_docs: Rows of every run's ``eval/task_docs.parquet`` (task, lang, doc_id,
+            correct, n_choices, ...) plus :data:`RUN_KEYS`; None when no run logged them.
+        ppl_windows: Rows of every run's ``eval/ppl_windows.parquet`` (lang, window, nll_sum,
+            n_tokens, n_bytes) plus :data:`RUN_KEYS`; None when no run logged them.
+        dense_docs: The dense run's task documents (no run keys); None if not logged.
+        dense_windows: The dense run's perplexity windows; None if not logged.
     """
 
     sweep_run: str
@@ -56,6 +62,42 @@ class ReportInputs:
     lsar: pd.DataFrame | None = None
     lape: pd.DataFrame | None = None
     lape_scores: Mapping[str, np.ndarray] = field(default_factory=dict)
+    task_docs: pd.DataFrame | None = None
+    ppl_windows: pd.DataFrame | None = None
+    dense_docs: pd.DataFrame | None = None
+    dense_windows: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """The runs of one matrix: a method at one sparsity.
+
+    Attributes:
+        method: The pruning method.
+        sparsity: The target sparsity, or None when the method has a single one.
+        suffix: File-name suffix, ``""`` or e.g. ``"_s0.5"``.
+        label: Human-readable, e.g. ``wanda`` or ``wanda, sparsity 0.5``.
+    """
+
+    method: str
+    sparsity: float | None = None
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.sparsity is None else f"_s{self.sparsity:g}"
+
+    @property
+    def label(self) -> str:
+        if self.sparsity is None:
+            return self.method
+        return f"{self.method}, sparsity {self.sparsity:g}"
+
+    def rows(self, runs: pd.DataFrame) -> pd.DataFrame:
+        """The runs of this group."""
+        rows = runs[runs["method"] == self.method]
+        if self.sparsity is not None:
+            rows = rows[rows["sparsity"] == self.sparsity]
+        return rows
 
 
 @dataclass(frozen=True)
@@ -98,15 +140,25 @@ def methods(runs: pd.DataFrame) -> list[str]:
     return sorted(set(runs["method"]))
 
 
-def metric_matrix(
-    runs: pd.DataFrame, method: str, prefix: str, langs: Sequence[str]
-) -> pd.DataFrame:
-    """Calibration x evaluation matrix of metric ``<prefix>.<lang>`` for one method.
+def groups(runs: pd.DataFrame) -> list[Group]:
+    """One :class:`Group` per method, or per method and sparsity where a method has several."""
+    out = []
+    for method in methods(runs):
+        rows = runs[runs["method"] == method]
+        values = sorted(set(rows["sparsity"].dropna())) if "sparsity" in rows else []
+        out += [Group(method, float(v)) for v in values] if len(values) > 1 else [Group(method)]
+    return out
 
-    Rows are calibration languages (sorted), columns ``langs``; a cell is the mean over the
-    calibration sets of that language (NaN where no run logged the metric).
+
+def metric_matrix(
+    runs: pd.DataFrame, method: str | Group, prefix: str, langs: Sequence[str]
+) -> pd.DataFrame:
+    """Calibration x evaluation matrix of metric ``<prefix>.<lang>`` for one method (group).
+
+    Rows are calibration rows (``zh``, ``de+en``; sorted), columns ``langs``; a cell is the
+    mean over the calibration sets of that row (NaN where no run logged the metric).
     """
-    rows = runs[runs["method"] == method]
+    rows = (method if isinstance(method, Group) else Group(method)).rows(runs)
     cols = [f"{prefix}.{lang}" for lang in langs]
     frame = pd.DataFrame(index=sorted(set(rows["calib_lang"])), columns=list(langs), dtype=float)
     for calib, group in rows.groupby("calib_lang", sort=True):
@@ -171,16 +223,20 @@ def _with_keys(frame: pd.DataFrame | None, sort: Sequence[str]) -> pd.DataFrame 
 
 def normalise(inputs: ReportInputs) -> ReportInputs:
     """Sort every table so that row order never depends on the store's order."""
-    runs = inputs.runs.sort_values(["method", "calib_lang", "calib_set", "run_id"],
+    keys = ["method", "sparsity", "calib_lang", "calib_set", "run_id"]
+    runs = inputs.runs.sort_values([k for k in keys if k in inputs.runs],
                                    kind="stable").reset_index(drop=True)
     snr = _with_keys(inputs.snr, ["method", "calib_lang", "calib_set", "run_id", "kind",
                                   "eval_lang", "layer"])
     lsar = _with_keys(inputs.lsar, ["method", "calib_lang", "calib_set", "run_id", "eval_lang",
                                     "layer"])
     lape = _with_keys(inputs.lape, ["method", "calib_lang", "calib_set", "run_id", "lang"])
-    return ReportInputs(inputs.sweep_run, runs, dict(inputs.dense), list(inputs.eval_langs),
-                        list(inputs.tasks), dict(inputs.sparsity), dict(inputs.iou),
-                        inputs.iou_summary, snr, lsar, lape, dict(inputs.lape_scores))
+    return replace(
+        inputs, runs=runs, dense=dict(inputs.dense), eval_langs=list(inputs.eval_langs),
+        tasks=list(inputs.tasks), sparsity=dict(inputs.sparsity), iou=dict(inputs.iou),
+        snr=snr, lsar=lsar, lape=lape, lape_scores=dict(inputs.lape_scores),
+        task_docs=_with_keys(inputs.task_docs, ["run_id", "task", "lang", "doc_id"]),
+        ppl_windows=_with_keys(inputs.ppl_windows, ["run_id", "lang", "window"]))
 
 
 # ---- from the store's rows and artifacts -----------------------------------------------------
@@ -203,12 +259,13 @@ def run_keys(member: RunKeys) -> dict[str, object]:
 
 
 def runs_table(members: Sequence[RunKeys], frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per member: run keys and its metrics (flat names) from the runs frame."""
+    """One row per member: run keys, ``sparsity`` and its metrics (flat names)."""
     by_id = {r["run_id"]: r for _, r in frame.iterrows()}
-    rows = [{**run_keys(m), **metrics_of(by_id[m.run_id])} for m in members]
+    rows = [{**run_keys(m), "sparsity": float(getattr(m, "sparsity", math.nan)),
+             **metrics_of(by_id[m.run_id])} for m in members]
     table = pd.DataFrame(rows)
-    metric_cols = sorted(c for c in table.columns if c not in RUN_KEYS)
-    return table[RUN_KEYS + metric_cols]
+    metric_cols = sorted(c for c in table.columns if c not in RUN_KEYS and c != "sparsity")
+    return table[RUN_KEYS + ["sparsity"] + metric_cols]
 
 
 def stack_member_tables(

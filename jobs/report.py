@@ -1,8 +1,9 @@
 """The ``report`` job: read a sweep from the MLflow store and build the paper-style report.
 
-Reads only the store (no model): the members' params and metrics, their analysis tables
-and LAPE counts, the parent's IoU matrices and dense LAPE counts, and the dense baseline's
-metrics. :func:`analysis.report.build_report` turns them into files under
+Reads only the store (no model): the members' params and metrics, their analysis tables,
+LAPE counts and per-document / per-window evaluation records, the parent's IoU matrices
+and dense LAPE counts, and the dense baseline's metrics and records.
+:func:`analysis.report.build_report` turns them into files under
 ``report_dir/<sweep_run_id>/``, which are also logged to the sweep parent run under
 ``report/``. The same store gives byte-identical files.
 """
@@ -28,6 +29,7 @@ from pipeline.errors import LangpruneError
 from tracking import params as P
 from tracking import runs as R
 from tracking import runs_table as RT
+from tracking.logging import PPL_WINDOWS_ARTIFACT, TASK_DOCS_ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,24 @@ def member_tables(sweep: RT.Sweep, path: str) -> pd.DataFrame | None:
     """A per-run analysis table of every member that has it, with the run keys prepended."""
     tables = [(m, t) for m in sweep.members
               if (t := RT.read_csv_artifact(m.run_id, path)) is not None]
+    return RI.stack_member_tables(tables)
+
+
+DOC_COLUMNS = ["task", "lang", "doc_id", "correct", "n_choices"]  # loglik lists not needed
+WINDOW_COLUMNS = ["lang", "window", "nll_sum", "n_tokens", "n_bytes"]
+
+
+def _records(run_id: str, path: str, columns: Sequence[str]) -> pd.DataFrame | None:
+    """One run's per-document or per-window records (None for runs from older code)."""
+    table = RT.read_parquet_artifact(run_id, path) if run_id else None
+    if table is None:
+        return None
+    return table[[c for c in columns if c in table.columns]]
+
+
+def member_records(sweep: RT.Sweep, path: str, columns: Sequence[str]) -> pd.DataFrame | None:
+    """Every member's records of ``path`` stacked with its run keys; None when none has them."""
+    tables = [(m, t) for m in sweep.members if (t := _records(m.run_id, path, columns)) is not None]
     return RI.stack_member_tables(tables)
 
 
@@ -81,6 +101,10 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
         lsar=member_tables(sweep, RT.LSAR_TABLE),
         lape=member_tables(sweep, RT.LAPE_TABLE),
         lape_scores=scores,
+        task_docs=member_records(sweep, TASK_DOCS_ARTIFACT, DOC_COLUMNS),
+        ppl_windows=member_records(sweep, PPL_WINDOWS_ARTIFACT, WINDOW_COLUMNS),
+        dense_docs=_records(sweep.dense_run, TASK_DOCS_ARTIFACT, DOC_COLUMNS),
+        dense_windows=_records(sweep.dense_run, PPL_WINDOWS_ARTIFACT, WINDOW_COLUMNS),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -51,10 +52,11 @@ class Member:
     Attributes:
         run_id: The member's run id.
         method: Pruning method (``params.method``).
-        calib_lang: Calibration language label (``params.calib_lang``).
+        calib_lang: Calibration row label (:func:`member_label`: ``zh``, ``de+en``).
         calib_set: Calibration set index.
         params: All params of the run (strings).
         tags: All tags of the run.
+        sparsity: Target sparsity (``params.sparsity``; NaN if not logged).
     """
 
     run_id: str
@@ -63,6 +65,7 @@ class Member:
     calib_set: int
     params: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    sparsity: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -135,10 +138,11 @@ def load_sweep(parent_id: str) -> Sweep:
             Member(
                 run_id=entry["run_id"],
                 method=params.get("method", entry.get("method", "")),
-                calib_lang=params.get("calib_lang", entry.get("calib_lang", "")),
+                calib_lang=member_label(entry, params),
                 calib_set=int(params.get("calib_set", entry.get("calib_set", "0"))),
                 params=params,
                 tags=dict(run.data.tags),
+                sparsity=_float(params.get("sparsity", entry.get("sparsity", "nan"))),
             )
         )
     members.sort(key=lambda m: (m.method, m.calib_lang, m.calib_set, m.run_id))
@@ -149,6 +153,28 @@ def load_sweep(parent_id: str) -> Sweep:
         members=tuple(members),
         failed=tuple(failed),
     )
+
+
+def member_label(entry: Mapping[str, str], params: Mapping[str, str]) -> str:
+    """A member's calibration row label, from the resolved blend, never the raw param.
+
+    A run started with ``calib_blend=zh:1`` hashes like ``calib_lang=zh`` and is reused for
+    that cell, but its raw ``calib_lang`` param is the default (``en``). The label is, in
+    order: the sweep's ``row`` label, the logged resolved label (``calib``), the sweep's
+    ``calib_lang`` (the resolved blend label), the raw ``calib_lang`` param (old runs).
+    """
+    for value in (entry.get("row"), params.get("calib"), entry.get("calib_lang"),
+                  params.get("calib_lang")):
+        if value:
+            return str(value)
+    return ""
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _run_row(run: Any) -> dict[str, Any]:
@@ -241,6 +267,13 @@ def read_json_artifact(run_id: str, path: str) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifact(run_id, path, tmp)
         return None if local is None else json.loads(local.read_text(encoding="utf-8"))
+
+
+def read_parquet_artifact(run_id: str, path: str) -> pd.DataFrame | None:
+    """A Parquet artifact of a run as a DataFrame; None if the run lacks it (older runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_artifact(run_id, path, tmp)
+        return None if local is None else pd.read_parquet(local)
 
 
 def read_csv_artifact(run_id: str, path: str) -> pd.DataFrame | None:

@@ -222,6 +222,13 @@ def test_report_is_byte_identical_and_matches_the_store(env):
     assert ppl.loc["de", "sw"] == pytest.approx(np.mean(de_runs), rel=1e-5)
     summary = (first / "summary.md").read_text()
     assert "target-language calibration is best (ties included) for" in summary
+    # the members' per-window records give intervals and paired verdicts (two sets per row)
+    assert "ppl_wanda_intervals.csv" in names
+    assert "wanda, perplexity: target-language calibration is better in" in summary
+    assert "(bootstrap-sets-docs)" in summary
+    intervals = pd.read_csv(first / "ppl_wanda_intervals.csv")
+    assert (intervals["low"] <= intervals["value"]).all()
+    assert (intervals["value"] <= intervals["high"]).all()
     logged = {p.rsplit("/", 1)[1] for p in RT.list_artifacts(env["sweep"], "report")}
     assert set(names) <= logged
 
