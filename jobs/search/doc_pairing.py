@@ -31,11 +31,7 @@ def task_of(terms: Mapping[str, float]) -> str | None:
 
 def read_task_docs(run_id: str) -> pd.DataFrame | None:
     """A run's per-document outcomes; None if it logged none."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = RT.download_artifact(run_id, TASK_DOCS_ARTIFACT, tmp)
-        return None if local is None else pd.read_parquet(local)
+    return RT.read_parquet_artifact(run_id, TASK_DOCS_ARTIFACT)
 
 
 def correctness_matrices(frames: Sequence[tuple[pd.DataFrame, pd.DataFrame]], task: str,
