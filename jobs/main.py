@@ -23,7 +23,7 @@ import torch
 from jobs.artifacts import record_eval, record_prune, record_start
 from pipeline import stages
 from pipeline.config import CalibCfg, Config
-from pipeline.errors import LangpruneError
+from pipeline.paths import check_writable
 from tracking import params as P
 from tracking import runs as R
 
@@ -58,13 +58,7 @@ def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = Tr
     """
     R.check_tracking_reachable()
     out = Path(cfg.run.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise LangpruneError(f"output_dir {out} is not writable: {e.strerror}") from None
+    check_writable(out, "output_dir")
     if cfg.eval.task_list:
         from pipeline.evaluate.lm_eval_runner import validate_tasks
 

@@ -26,6 +26,7 @@ from analysis.lape import counts_file_scores
 from analysis.report import ReportInputs, build_report
 from pipeline.config import Config, split_list
 from pipeline.errors import LangpruneError
+from pipeline.paths import check_writable
 from tracking import params as P
 from tracking import runs as R
 from tracking import runs_table as RT
@@ -109,13 +110,7 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
 
 
 def _writable_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise LangpruneError(f"report_dir {folder} is not writable: {e.strerror}") from None
+    check_writable(folder, "report_dir")
 
 
 def _replace_folder(built: Path, target: Path) -> None:

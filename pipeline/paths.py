@@ -20,3 +20,20 @@ def cache_dir(configured: str = "") -> Path:
     """
     base = configured or os.environ.get("LANGPRUNE_CACHE") or Path.home() / ".cache" / "langprune"
     return Path(base).expanduser()
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Create ``folder`` and write a probe file there; one-line error naming config ``key``.
+
+    Raises:
+        LangpruneError: the folder cannot be created or written (before any heavy work).
+    """
+    from pipeline.errors import LangpruneError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LangpruneError(f"{key} {folder} is not writable: {e.strerror}") from None
