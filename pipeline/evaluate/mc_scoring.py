@@ -133,11 +133,13 @@ def _scored_start(inp: list[int], continuation: list[int]) -> int:
 
 def _batches(groups: list[Group], inputs: list[list[int]], conts: list[list[int]],
              max_groups: int, max_scored: int) -> list[list[Group]]:
-    """Groups by descending prefix length, cut at ``max_groups`` or ``max_scored`` positions."""
+    """Groups by descending prefix length, cut at ``max_groups`` or ``max_scored`` positions
+    (a group's scored positions: those of its prefix, once, and its distinct inputs' tails)."""
     out: list[list[Group]] = []
     scored = 0
     for g in sorted(groups, key=lambda g: -len(g.prefix)):
-        n = sum(len(conts[m]) for m in g.members)
+        first = min(_scored_start(inputs[m], conts[m]) for m in g.members)
+        n = max(0, len(g.prefix) - first) + g.total - len(g.distinct) * len(g.prefix)
         if not out or len(out[-1]) >= max_groups or scored + n > max_scored:
             out.append([])
             scored = 0
