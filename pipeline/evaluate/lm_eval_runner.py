@@ -1,4 +1,7 @@
-"""Downstream tasks through lm-evaluation-harness, in process; the only module importing lm_eval.
+"""Downstream tasks through lm-evaluation-harness, in process.
+
+This module and ``fast_lm.py`` (its HFLM subclass, imported only from here, lazily) are the
+only ones importing lm_eval.
 
 ``HFLM`` wraps the in-memory (possibly pruned) model; ``TaskManager(include_path=tasks/)``
 adds our task YAMLs for the bundled data. Task names:
