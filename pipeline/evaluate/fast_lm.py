@@ -39,7 +39,10 @@ class FastMCLM(HFLM):
     the output layer is applied only at the scored positions (``logits_to_keep``); groups are
     batched by length. Inputs are built exactly as HFLM builds them (same tokenisation, left
     truncation to ``max_length + 1``), so log-likelihoods match HFLM's to float rounding and
-    ``is_greedy`` is the same test.
+    ``is_greedy`` is the same test. One exception, in HFLM: with its default ``logits_cache``,
+    requests with equal ``context + continuation[:-1]`` tokens but contexts ending at
+    different tokens get the first one's logits gathered at the wrong positions; here each is
+    scored as HFLM scores it with ``logits_cache=False`` (a plain forward).
 
     Everything else is HFLM's: tokenisation, ``loglikelihood_rolling`` (which keeps HFLM's
     ``_loglikelihood_tokens``), ``generate_until``, device and dtype (read from the model).
