@@ -1,4 +1,7 @@
-"""Downstream tasks through lm-evaluation-harness, in process; the only module importing lm_eval.
+"""Downstream tasks through lm-evaluation-harness, in process.
+
+This module and ``fast_lm.py`` (its HFLM subclass, imported only from here, lazily) are the
+only ones importing lm_eval.
 
 ``HFLM`` wraps the in-memory (possibly pruned) model; ``TaskManager(include_path=tasks/)``
 adds our task YAMLs for the bundled data. Task names:
@@ -191,7 +194,7 @@ def run_tasks(
     max_length: int | None = None,
     seed: int = 0,
     scorer: str = "fast",
-    records: bool = True,
+    records: bool = False,
 ) -> TaskResults:
     """Run lm-eval tasks on an in-memory model.
 
@@ -211,7 +214,8 @@ def run_tasks(
         scorer: ``"fast"`` (shared-prefix scoring, the default) or ``"hflm"`` (plain HFLM);
             both give the same log-likelihoods up to float rounding.
         records: Also return per-document records (multiple-choice tasks); every such task
-            must have a per-document id (checked before any forward pass).
+            must then have a per-document id (checked before any forward pass; lm-eval's
+            upstream ``xnli_<lang>`` has none, our bundled suites all have one).
 
     Returns:
         Flat scores, the full results JSON (without the logged samples), the skipped task x
@@ -280,7 +284,7 @@ def _check_doc_ids(manager: Any, names: list[str]) -> None:
             doc_uid(name, docs[0])
 
 
-def _warn_limit_above_docs(results_json: dict[str, Any], limit: int | float | None) -> None:
+def _warn_limit_above_docs(results_json: dict[str, Any], limit: float | None) -> None:
     """One warning line naming every task with fewer documents than ``limit``."""
     if limit is None or limit < 1:  # lm-eval reads a limit below 1 as a fraction
         return

@@ -1,23 +1,24 @@
 """Multiple-choice log-likelihoods with shared prefixes computed once (pure torch, no lm_eval).
 
-The scorer behind :class:`pipeline.evaluate.lm_eval_runner.FastMCLM`. lm-eval asks for
+The scorer behind :class:`pipeline.evaluate.fast_lm.FastMCLM`. lm-eval asks for
 ``log P(continuation | context)`` once per choice; HFLM runs every ``context + choice`` as a
 separate row and projects *every* position onto the vocabulary. For a 7-way SIB-200 question
-that is 7 full forwards of the text; for Gemma 3's 262k vocabulary the output layer is most
-of the work (0.34 GFLOP per position against ~0.2 for its 18 decoder layers). Here:
+that is 7 full forwards of the text; for Gemma 3's 262k vocabulary the output layer is a
+large part of the work (0.34 GFLOP per position against ~0.2 for its 18 decoder layers;
+45% of a plain 180-token forward on the CPU). Here:
 
 1. **Inputs as HFLM builds them.** ``(context + continuation)[-(max_length + 1):][:-1]``: left
    truncation to the model's length, the last continuation token is only a target; the
    last ``len(continuation)`` positions are scored (:func:`model_input`).
 2. **Groups.** Requests are sorted by their input tokens and a request joins the previous
-   group when the group's common prefix, computed once, saves more token-forwards than it
-   costs (:func:`group_requests`): the choices of one question share the question; XNLI's
+   group when the group's common prefix, computed once, saves enough token-forwards
+   (:func:`group_requests`): the choices of one question share the question; XNLI's
    hypotheses share the premise (also across the three hypotheses of one premise).
 3. **Two forwards per batch of groups.** The prefixes, left-padded to one length (an
    attention mask hides the pads, explicit position ids keep each row's positions, and the
    distance between real tokens is unchanged, so sliding windows see what they would
-   unpadded), with the KV cache kept; then every request's remaining tokens after its
-   group's prefix, right-padded (causal attention never looks at later pads), on the cache
+   unpadded), with the KV cache kept; then each distinct input's remaining tokens after its
+   group's prefix (equal inputs, e.g. one-token choices, share one row), right-padded (causal attention never looks at later pads), on the cache
    selected per row. Groups are batched by length (longest first) under a bound on the
    scored positions per batch, which bounds the float32 log-probabilities held at once.
 4. **Output layer only where scored.** ``logits_to_keep`` as a boolean mask: the model
@@ -133,11 +134,13 @@ def _scored_start(inp: list[int], continuation: list[int]) -> int:
 
 def _batches(groups: list[Group], inputs: list[list[int]], conts: list[list[int]],
              max_groups: int, max_scored: int) -> list[list[Group]]:
-    """Groups by descending prefix length, cut at ``max_groups`` or ``max_scored`` positions."""
+    """Groups by descending prefix length, cut at ``max_groups`` or ``max_scored`` positions
+    (a group's scored positions: those of its prefix, once, and its distinct inputs' tails)."""
     out: list[list[Group]] = []
     scored = 0
     for g in sorted(groups, key=lambda g: -len(g.prefix)):
-        n = sum(len(conts[m]) for m in g.members)
+        first = min(_scored_start(inputs[m], conts[m]) for m in g.members)
+        n = max(0, len(g.prefix) - first) + g.total - len(g.distinct) * len(g.prefix)
         if not out or len(out[-1]) >= max_groups or scored + n > max_scored:
             out.append([])
             scored = 0
@@ -298,7 +301,7 @@ def supports_fast_scoring(model: nn.Module, probe: list[int]) -> bool:
         return bool(cached[1])
     try:
         ok = _probe(model, probe)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         log.warning("fast scoring unavailable for %s (%s)", type(model).__name__, e)
         ok = False
     model.__dict__["_langprune_fast_scoring"] = (key, ok)

@@ -21,7 +21,7 @@ SUITES = ["sib200", "xnli", "belebele"]
 
 def run(model, scorer: str, limit: int, langs=("en", "de"), tasks=SUITES) -> R.TaskResults:
     return R.run_tasks(model, ByT5Tokenizer(), list(tasks), list(langs), limit=limit,
-                       batch_size=4, device="cpu", max_length=1024, scorer=scorer)
+                       batch_size=4, device="cpu", max_length=1024, scorer=scorer, records=True)
 
 
 @pytest.fixture(scope="module")
