@@ -185,6 +185,8 @@ def _evaluate(cfg: Config, model: torch.nn.Module, tokenizer: Any, device: torch
             batch_size=e.eval_batch_size,
             device=device,
             max_length=max_length,
+            seed=cfg.run.seed,
+            records=True,  # every tracked evaluation keeps its per-document outcomes
         )
         tasks, results_json, docs = tr.scores, tr.results_json, tr.records
         skipped = list(getattr(tr, "skipped", []))
