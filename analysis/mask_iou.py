@@ -55,7 +55,9 @@ def pair_tables(
     pairs: pd.DataFrame, masks: Mapping[str, Mapping[str, PackedMask]], progress: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per pair: per-module, per-layer and per-module-type IoU tables, concatenated."""
-    modules, layers, types = [], [], []
+    modules: list[pd.DataFrame] = []
+    layers: list[pd.DataFrame] = []
+    types: list[pd.DataFrame] = []
     rows = pairs[_PAIR_KEYS].to_dict("records")
     for pair in tqdm(rows, desc="iou tables", disable=not progress, leave=False):
         table = I.iou_table(masks[pair["run_a"]], masks[pair["run_b"]])

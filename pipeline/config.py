@@ -251,7 +251,8 @@ class PruneCfg:
         if self.layer_sparsity not in LAYER_SPARSITIES:
             raise LangpruneError(
                 f"unknown layer_sparsity {self.layer_sparsity!r}; known: "
-                f"{', '.join(LAYER_SPARSITIES)}{suggest(self.layer_sparsity, list(LAYER_SPARSITIES))}"
+                f"{', '.join(LAYER_SPARSITIES)}"
+                f"{suggest(self.layer_sparsity, list(LAYER_SPARSITIES))}"
             )
         if self.layer_sparsity == "owl":
             from pipeline.pruners.owl import check_owl
@@ -294,7 +295,8 @@ class EvalCfg:
             raise LangpruneError(f"eval_seq_len must be >= 2, got {self.eval_seq_len}")
         if self.eval_part not in EVAL_PARTS:
             raise LangpruneError(f"unknown eval_part {self.eval_part!r}; known: "
-                                 f"{', '.join(EVAL_PARTS)}{suggest(self.eval_part, list(EVAL_PARTS))}")
+                                 f"{', '.join(EVAL_PARTS)}"
+                                 f"{suggest(self.eval_part, list(EVAL_PARTS))}")
         if self.eval_batch_size < 1:
             raise LangpruneError("eval_batch_size must be >= 1")
 

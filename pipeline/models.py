@@ -203,6 +203,32 @@ def onloaded(module: nn.Module, device: torch.device, enabled: bool) -> Iterator
         move_module(module, home)
 
 
+def output_embeddings(model: nn.Module) -> nn.Module:
+    """The model's output layer (``lm_head``), through transformers' accessor."""
+    return _embeddings(model, "get_output_embeddings")
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's token embedding, through transformers' accessor."""
+    return _embeddings(model, "get_input_embeddings")
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's ``weight`` parameter (typed: ``nn.Module.__getattr__`` is not)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise LangpruneError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def _embeddings(model: nn.Module, accessor: str) -> nn.Module:
+    get = getattr(model, accessor, None)
+    module = get() if callable(get) else None
+    if not isinstance(module, nn.Module):
+        raise LangpruneError(f"{type(model).__name__} has no {accessor}(): not a causal LM")
+    return module
+
+
 def output_only_modules(model: nn.Module) -> list[nn.Module]:
     """Output embeddings (``lm_head``) whose weight is not tied to the input embeddings.
 

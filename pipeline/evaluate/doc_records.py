@@ -68,7 +68,7 @@ def records_frame(samples: dict[str, list[dict[str, Any]]], keys: dict[str, str]
     Returns:
         A DataFrame with :data:`COLUMNS`, rows in task order then lm-eval's document order.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, task_samples in samples.items():
         if output_types.get(name) != "multiple_choice":
             continue

@@ -173,10 +173,15 @@ def make_lm(model: Any, tokenizer: Any, *, scorer: str = "fast", batch_size: int
     if scorer not in SCORERS:
         raise LangpruneError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}"
                              f"{suggest(scorer, list(SCORERS))}")
+    lm_class: Any
     if scorer == "fast":
-        from pipeline.evaluate.fast_lm import FastMCLM as lm_class
+        from pipeline.evaluate.fast_lm import FastMCLM
+
+        lm_class = FastMCLM
     else:
-        from lm_eval.models.huggingface import HFLM as lm_class
+        from lm_eval.models.huggingface import HFLM
+
+        lm_class = HFLM
     return lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                     device=str(device) if device is not None else None, max_length=max_length)
 

@@ -18,7 +18,8 @@ large part of the work (0.34 GFLOP per position against ~0.2 for its 18 decoder 
    attention mask hides the pads, explicit position ids keep each row's positions, and the
    distance between real tokens is unchanged, so sliding windows see what they would
    unpadded), with the KV cache kept; then each distinct input's remaining tokens after its
-   group's prefix (equal inputs, e.g. one-token choices, share one row), right-padded (causal attention never looks at later pads), on the cache
+   group's prefix (equal inputs, e.g. one-token choices, share one row), right-padded
+   (causal attention never looks at later pads), on the cache
    selected per row. Groups are batched by length (longest first) under a bound on the
    scored positions per batch, which bounds the float32 log-probabilities held at once.
 4. **Output layer only where scored.** ``logits_to_keep`` as a boolean mask: the model
@@ -33,14 +34,17 @@ that ``logits_to_keep`` and the KV cache give the model's own full-forward numbe
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import LangpruneError
+from pipeline.models import input_embeddings, output_embeddings, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +170,7 @@ def score(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, max_
     """
     inputs = [model_input(c, k, max_length) for c, k in requests]
     conts = [k for _, k in requests]
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = weight_of(output_embeddings(model)).shape[0]
     max_scored = max(1, _LOGPROB_BYTES // (4 * vocab))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     groups = group_requests(inputs)
@@ -180,7 +184,7 @@ def score(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, max_
 def _score_batch(model: nn.Module, batch: list[Group], inputs: list[list[int]],
                  conts: list[list[int]], pad_id: int) -> dict[int, tuple[float, bool]]:
     """Both forwards for one batch of groups; answers by request index."""
-    device = model.get_input_embeddings().weight.device
+    device = weight_of(input_embeddings(model)).device
     width = max(len(g.prefix) for g in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -236,11 +240,11 @@ def _suffix_pass(model: nn.Module, batch: list[Group], rows: dict[tuple[int, tup
                  inputs: list[list[int]], conts: list[list[int]], cache,
                  prefix_mask: torch.Tensor, pad_id: int) -> _Scored:
     """Second forward: each distinct input's tokens after its group's prefix, on the cache."""
-    device = model.get_input_embeddings().weight.device
+    device = weight_of(input_embeddings(model)).device
     width = max(len(inp) - len(batch[r].prefix) for r, inp in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     keep = torch.zeros((len(rows), width), dtype=torch.bool)
-    first = {}
+    first: dict[Any, Any] = {}
     for r, g in enumerate(batch):
         for m in g.members:
             key = (r, tuple(inputs[m]))
@@ -261,7 +265,8 @@ def _suffix_pass(model: nn.Module, batch: list[Group], rows: dict[tuple[int, tup
                 logits_to_keep=keep.to(device))
     back = {i: r for (r, _), i in rows.items()}
     # (row, position after its prefix) -> logits row; keyed by prefix position for lookups
-    at = {(i, p + len(batch[back[i]].prefix)): k for k, (i, p) in enumerate(keep.nonzero().tolist())}
+    at = {(i, p + len(batch[back[i]].prefix)): k
+          for k, (i, p) in enumerate(keep.nonzero().tolist())}
     return _Scored(res.logits, at)
 
 
@@ -287,6 +292,11 @@ def _answers(picks: list[tuple[int, int, int, int]],
     return {m: (loglik[m], greedy[m]) for m in loglik}
 
 
+# Probe answers per model object, held weakly (the model is never written to, and a model
+# that is freed takes its entry with it); keyed again by the output layer it was probed with.
+_FAST_SCORING: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
+
+
 @torch.inference_mode()
 def supports_fast_scoring(model: nn.Module, probe: list[int]) -> bool:
     """True when :func:`score`'s forwards reproduce the model's own full logits.
@@ -295,8 +305,8 @@ def supports_fast_scoring(model: nn.Module, probe: list[int]) -> bool:
     cache selected per row against one plain forward of ``probe``. Models that lack any of
     these (or misuse them) get False and are scored by HFLM instead. Kept per model.
     """
-    key = id(model.get_output_embeddings())
-    cached = model.__dict__.get("_langprune_fast_scoring")
+    key = id(output_embeddings(model))
+    cached = _FAST_SCORING.get(model)
     if cached is not None and cached[0] == key:
         return bool(cached[1])
     try:
@@ -304,7 +314,7 @@ def supports_fast_scoring(model: nn.Module, probe: list[int]) -> bool:
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
         log.warning("fast scoring unavailable for %s (%s)", type(model).__name__, e)
         ok = False
-    model.__dict__["_langprune_fast_scoring"] = (key, ok)
+    _FAST_SCORING[model] = (key, ok)
     return ok
 
 
@@ -312,7 +322,7 @@ def supports_fast_scoring(model: nn.Module, probe: list[int]) -> bool:
 def reference_score(model: nn.Module, requests: list[tuple[list[int], list[int]]]
                     ) -> list[tuple[float, bool]]:
     """What HFLM computes, one plain full-logits forward per request (no truncation)."""
-    device = model.get_input_embeddings().weight.device
+    device = weight_of(input_embeddings(model)).device
     out = []
     for context, continuation in requests:
         ids = torch.tensor([context + continuation[:-1]], device=device)
@@ -333,6 +343,6 @@ def _probe(model: nn.Module, probe: list[int]) -> bool:
             (probe[1:half], probe[half:])]
     got = score(model, reqs, max_length=len(probe) + 1, batch_size=len(reqs))
     want = reference_score(model, reqs)
-    dtype = model.get_output_embeddings().weight.dtype
+    dtype = weight_of(output_embeddings(model)).dtype
     tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else _PROBE_TOL
     return all(abs(g[0] - w[0]) <= tol * (1.0 + abs(w[0])) for g, w in zip(got, want, strict=True))

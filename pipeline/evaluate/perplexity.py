@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import LangpruneError
+from pipeline.models import input_embeddings, output_embeddings, weight_of
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +232,7 @@ def _evaluate(model: nn.Module, tokenizer: Any, sentences: list[str], *, seq_len
     text_bytes = len(SEPARATOR.join(sentences[:k]).encode("utf-8"))
     cut = cut_windows(ids, seq_len, start_id)
     if device is None:
-        device = model.get_input_embeddings().weight.device
+        device = weight_of(input_embeddings(model)).device
     model.eval()
     nll_sum, nlls = _total_nll(model, cut, batch_size, torch.device(device), progress, desc)
     n_tokens = len(ids)
@@ -311,14 +313,14 @@ def window_nll(model: nn.Module, input_ids: torch.Tensor, chunked: bool = True) 
 
     Position ``t`` predicts token ``t + 1``; the first token is context only.
     """
-    head = model.get_output_embeddings()
+    head = output_embeddings(model)
     if chunked:  # project chunks of hidden states: the full logits never exist at once
         states = final_hidden(model, input_ids)
         project: nn.Module = head
     else:
         states = model(input_ids=input_ids, use_cache=False).logits
         project = nn.Identity()
-    step = max(1, _LOGIT_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    step = max(1, _LOGIT_CHUNK_BYTES // (4 * weight_of(head).shape[0]))
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
     for row in range(input_ids.shape[0]):  # row slices are contiguous: no copy of logits
         for a in range(0, input_ids.shape[1] - 1, step):
@@ -345,7 +347,7 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         captured.append(args[0])
         raise _StopForward
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    handle = output_embeddings(model).register_forward_pre_hook(hook)
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
@@ -361,18 +363,22 @@ def _head_matches_cached(model: nn.Module, probe_ids: list[int], device: torch.d
     """:func:`head_matches_forward`, probed once per model and output embedding.
 
     The answer depends on the architecture (logit soft-capping, scales), not on the decoder
-    weights that pruning changes, so it is kept on the model instead of being probed for
-    every language: a probe reads the output embedding twice (2 x 671 MB for Gemma 3's 262k
-    vocabulary, ~0.6 s on one CPU thread). A replaced or re-tied head is probed again.
+    weights that pruning changes, so it is kept per model (weakly, never on the model object)
+    instead of being probed for every language: a probe reads the output embedding twice
+    (2 x 671 MB for Gemma 3's 262k vocabulary, ~0.6 s on one CPU thread). A replaced or re-tied head is probed again.
     """
-    head = model.get_output_embeddings()
-    key = (id(head), head.weight.data_ptr())
-    cached = model.__dict__.get("_langprune_head_matches")
+    head = output_embeddings(model)
+    key = (id(head), weight_of(head).data_ptr())
+    cached = _HEAD_MATCHES.get(model)
     if cached is not None and cached[0] == key:
         return bool(cached[1])
     result = head_matches_forward(model, torch.tensor([probe_ids], device=device))
-    model.__dict__["_langprune_head_matches"] = (key, result)
+    _HEAD_MATCHES[model] = (key, result)
     return result
+
+
+_HEAD_MATCHES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], bool]] = (
+    weakref.WeakKeyDictionary())
 
 
 @torch.inference_mode()
@@ -383,10 +389,10 @@ def head_matches_forward(model: nn.Module, input_ids: torch.Tensor) -> bool:
     Cohere's logit scale); those need full logits.
     """
     own = model(input_ids=input_ids, use_cache=False).logits.float()
-    ours = model.get_output_embeddings()(final_hidden(model, input_ids)).float()
+    ours = output_embeddings(model)(final_hidden(model, input_ids)).float()
     if own.shape != ours.shape:
         return False
     # Same weights and inputs: differences come only from matmul blocking, i.e. rounding.
-    half = model.get_output_embeddings().weight.dtype in (torch.float16, torch.bfloat16)
+    half = weight_of(output_embeddings(model)).dtype in (torch.float16, torch.bfloat16)
     tol = (2e-2 if half else 1e-4) * (1.0 + float(own.abs().max()))
     return float((own - ours).abs().max()) <= tol

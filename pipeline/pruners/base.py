@@ -341,7 +341,7 @@ class LayerPruner(ABC):
         return None if self.statistic is None else self.statistic(in_features, device,
                                                                     keep_windows)
 
-    def check_target(self, target: SparsityTarget) -> None:
+    def check_target(self, target: SparsityTarget) -> None:  # noqa: B027 (a default, no-op)
         """Raise :class:`LangpruneError` if the method cannot reach ``target`` (before work)."""
 
     def numerics(self, device: torch.device | str) -> dict[str, str]:

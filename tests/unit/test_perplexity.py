@@ -201,5 +201,6 @@ def test_the_head_probe_runs_once_per_model_not_once_per_language(monkeypatch):
     P.evaluate_perplexity(model, tok, sents, seq_len=6, progress=False)
     assert len(calls) == 3
     # the cached answers are the probes': cohere post-processes its logits, llama does not
-    assert other.__dict__["_langprune_head_matches"][1] is False
-    assert model.__dict__["_langprune_head_matches"][1] is True
+    assert P._HEAD_MATCHES[other][1] is False  # kept beside the model, never on it
+    assert P._HEAD_MATCHES[model][1] is True
+    assert "_langprune_head_matches" not in model.__dict__
