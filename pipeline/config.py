@@ -234,15 +234,7 @@ class PruneCfg:
         _check_method(self.method)
         n, m = parse_nm(self.pattern)
         check_target(self.sparsity, n, m)
-        if self.sparsegpt_blocksize < 1:
-            raise LangpruneError("sparsegpt_blocksize must be >= 1")
-        if not (math.isfinite(self.sparsegpt_percdamp) and self.sparsegpt_percdamp > 0):
-            raise LangpruneError("sparsegpt_percdamp must be > 0")
-        if self.sparsegpt_factor not in ("auto", "products", "lapack"):
-            raise LangpruneError(f"sparsegpt_factor must be auto, products or lapack, got "
-                                 f"{self.sparsegpt_factor!r}")
-        if not (math.isfinite(self.ria_alpha) and self.ria_alpha >= 0):
-            raise LangpruneError(f"ria_alpha must be a finite number >= 0, got {self.ria_alpha}")
+        self._check_method_options()
         if self.capture_batch_size < 1:
             raise LangpruneError("capture_batch_size must be >= 1")
         self._check_layer_sparsity(n, m)
@@ -263,6 +255,14 @@ class PruneCfg:
                     f"({self.pattern}) fixes; use pattern=unstructured or layer_sparsity=uniform"
                 )
             check_owl(self.sparsity, self.owl_m, self.owl_lambda)
+
+    def _check_method_options(self) -> None:
+        """Every method's options, by the method itself (each reads only its own)."""
+        from pipeline.pruners import PRUNERS
+
+        options = self.method_options()
+        for name in PRUNERS.names():
+            PRUNERS.get(name).from_options(options)
 
     def method_options(self) -> dict[str, Any]:
         """Every ``<method>_<option>`` field, by its full name (what ``from_options`` reads)."""

@@ -22,6 +22,7 @@ by linears reading the same input) -> :meth:`SparseGPTPruner.prune`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -331,7 +332,7 @@ class SparseGPTPruner(LayerPruner):
                  factor: str = "auto"):
         if blocksize < 1:
             raise LangpruneError(f"sparsegpt_blocksize must be >= 1, got {blocksize}")
-        if not percdamp > 0:
+        if not (math.isfinite(percdamp) and percdamp > 0):
             raise LangpruneError(f"sparsegpt_percdamp must be > 0, got {percdamp}")
         factor_method("cpu", factor)  # validates the name
         self.blocksize = blocksize
