@@ -59,7 +59,9 @@ class FastMCLM(HFLM):
         """HFLM's tokenisation, then :func:`mc_scoring.score` on the token ids."""
         self._in_loglikelihood = True
         try:
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            # lm-eval's tokenising bar takes a second; the scoring bar (mc_scoring) is the one
+            # that tracks the work
+            return super().loglikelihood(requests, disable_tqdm=True)
         finally:
             self._in_loglikelihood = False
 
@@ -72,7 +74,7 @@ class FastMCLM(HFLM):
         groups = self.batch_size if isinstance(self.batch_size, int) else _AUTO_GROUPS
         answers = mc_scoring.score(
             self.model, [(ctx, cont) for _, ctx, cont in requests], max_length=self.max_length,
-            batch_size=groups, pad_id=self._pad_id(),
+            batch_size=groups, pad_id=self._pad_id(), progress=not disable_tqdm,
         )
         for (request_str, _, _), answer in zip(requests, answers, strict=True):
             self.cache_hook.add_partial("loglikelihood", request_str, answer)

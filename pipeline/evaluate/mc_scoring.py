@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.errors import LangpruneError
 from pipeline.models import input_embeddings, output_embeddings, weight_of
@@ -154,7 +155,8 @@ def _batches(groups: list[Group], inputs: list[list[int]], conts: list[list[int]
 
 
 def score(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, max_length: int,
-          batch_size: int = 8, pad_id: int = 0) -> list[tuple[float, bool]]:
+          batch_size: int = 8, pad_id: int = 0,
+          progress: bool = True) -> list[tuple[float, bool]]:
     """``(log P(continuation | context), is_greedy)`` for each ``(context, continuation)``.
 
     Args:
@@ -164,6 +166,7 @@ def score(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, max_
         max_length: Longest model input (HFLM's ``max_length``).
         batch_size: Groups per forward pass.
         pad_id: Token used for padding (masked or never attended).
+        progress: One progress bar over the requests (the long part of a task evaluation).
 
     Returns:
         One ``(loglik, is_greedy)`` per request, in request order.
@@ -174,9 +177,13 @@ def score(model: nn.Module, requests: list[tuple[list[int], list[int]]], *, max_
     max_scored = max(1, _LOGPROB_BYTES // (4 * vocab))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     groups = group_requests(inputs)
-    for batch in _batches(groups, inputs, conts, max(1, batch_size), max_scored):
-        for i, answer in _score_batch(model, batch, inputs, conts, pad_id).items():
-            results[i] = answer
+    with tqdm(total=len(requests), desc="tasks", unit="req", disable=not progress,
+              leave=False) as bar:
+        for batch in _batches(groups, inputs, conts, max(1, batch_size), max_scored):
+            answers = _score_batch(model, batch, inputs, conts, pad_id)
+            for i, answer in answers.items():
+                results[i] = answer
+            bar.update(len(answers))
     return results
 
 

@@ -365,7 +365,8 @@ def _head_matches_cached(model: nn.Module, probe_ids: list[int], device: torch.d
     The answer depends on the architecture (logit soft-capping, scales), not on the decoder
     weights that pruning changes, so it is kept per model (weakly, never on the model object)
     instead of being probed for every language: a probe reads the output embedding twice
-    (2 x 671 MB for Gemma 3's 262k vocabulary, ~0.6 s on one CPU thread). A replaced or re-tied head is probed again.
+    (2 x 671 MB for Gemma 3's 262k vocabulary, ~0.6 s on one CPU thread). A replaced or
+    re-tied head is probed again.
     """
     head = output_embeddings(model)
     key = (id(head), weight_of(head).data_ptr())
