@@ -44,6 +44,7 @@ class Context:
         cache_folder: Where the dense reference is cached.
         timings: Seconds spent loading the model (``load_s``) and on the dense side
             (``dense_s``).
+        tokenizer: The model's tokenizer (to re-calibrate weight-updating runs).
     """
 
     cfg: Config
@@ -55,6 +56,7 @@ class Context:
     dense_selection: dict[str, set[LP.Neuron]]
     cache_folder: Path
     timings: dict[str, float] = field(default_factory=dict)
+    tokenizer: Any = None
 
 
 class _Unpacked(Mapping[str, Tensor]):
@@ -137,9 +139,15 @@ def lape_frame(
     return table, removed_all, LP.lape_scores(p)
 
 
-def _mean_db(values: Sequence[float]) -> float:
+def _mean_db(values: Sequence[float]) -> tuple[float, int]:
+    """Mean of the finite per-layer SNRs and how many layers were dropped as non-finite.
+
+    A layer whose SNR is +inf (identical outputs), -inf or NaN has no place in a dB mean; it
+    is left out, and the count is logged as ``snr_*.mean.n_dropped`` so the mean never hides
+    it (NaN when every layer is non-finite).
+    """
     finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return (float(np.mean(finite)) if finite else math.nan), len(values) - len(finite)
 
 
 def headline_metrics(
@@ -150,7 +158,8 @@ def headline_metrics(
     pooled = S.mean_snr_by_layer(snr)
     for kind, name in (("local", "snr_local"), ("accumulated", "snr_acc")):
         rows = pooled[pooled["kind"] == kind].sort_values("layer")
-        m[f"{name}.mean"] = _mean_db(rows["snr_db"].tolist())
+        m[f"{name}.mean"], dropped = _mean_db(rows["snr_db"].tolist())
+        m[f"{name}.mean.n_dropped"] = float(dropped)
         m[f"{name}.final"] = float(rows["snr_db"].iloc[-1])
         for lang, group in snr[snr["kind"] == kind].groupby("eval_lang", sort=True):
             m[f"{name}.final.{lang}"] = float(group.sort_values("layer")["snr_db"].iloc[-1])

@@ -170,7 +170,7 @@ def test_headline_metrics_summarise_the_logged_tables(env):
     for member in _sweep(env).members:
         run = client.get_run(member.run_id)
         assert run.data.tags[RT.TAG_ANALYSIS] == "done"
-        assert run.data.tags["langprune.analysis.weights"] == "exact"
+        assert run.data.tags["langprune.analysis.weights"] == "dense x mask"
         m = run.data.metrics
         lsar = RT.read_csv_artifact(member.run_id, RT.LSAR_TABLE)
         assert sorted(set(lsar["eval_lang"])) == LANGS and len(lsar) == 3 * 4
