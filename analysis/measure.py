@@ -20,6 +20,7 @@ from torch import Tensor
 from analysis import lape as LP
 from analysis import lsar as LS
 from analysis import snr as S
+from analysis import uncertainty as U
 from analysis.keys import RunKeys
 from analysis.neurons import NeuronCounter
 from analysis.passes import Engine, pooled_states, snr_pass
@@ -176,6 +177,16 @@ def headline_metrics(
 
 
 
+def interval_metrics(ctx: Context, raw: Measurements) -> dict[str, float]:
+    """Band SNR and relative LSAR changes with bootstrap intervals (:mod:`analysis.uncertainty`),
+    seeded with the run seed."""
+    seed = ctx.cfg.run.seed
+    out = U.snr_intervals(raw.snr_local, raw.snr_acc, seed)
+    if raw.pooled:
+        out.update(U.lsar_intervals(ctx.dense.lsar_states, raw.pooled, ctx.dense.bases, seed))
+    return out
+
+
 def analysis_summary(
     ctx: Context, member: RunKeys, weights: str, metrics: Mapping[str, float]
 ) -> dict[str, Any]:
@@ -195,6 +206,7 @@ def analysis_summary(
         "languages": list(text.languages),
         "windows_per_language": {k: list(v.shape) for k, v in text.windows.items()},
         "lsar_sentences": int(next(iter(text.sentences.values())).shape[0]),
+        "lsar_source": text.lsar_source,
         "dense_cache": ctx.dense.key,
         "metrics": {k: metrics[k] for k in sorted(metrics)},
     }

@@ -63,6 +63,7 @@ from analysis.measure import (
     Context,
     analysis_summary,
     headline_metrics,
+    interval_metrics,
     lape_frame,
     lsar_frame,
     measure,
@@ -135,7 +136,8 @@ def _load_engine(
     langs = split_list(sweep.params.get("eval_langs", cfg.eval.eval_langs))
     source = sweep.params.get("eval_source", cfg.eval.eval_source)
     loaded = load_model(analysis_model_cfg(cfg, sweep.params))
-    text = build_text(loaded.tokenizer, source, langs, a.analysis_tokens, a.analysis_seq_len)
+    text = build_text(loaded.tokenizer, source, langs, a.analysis_tokens, a.analysis_seq_len,
+                      a.lsar_sentences)
     layout, n_neurons = ffn_layout(decoder_layers(loaded.model)[0])
     engine = Engine(loaded.model, loaded.device, cfg.prune.capture_batch_size, cfg.model.offload,
                     layout, n_neurons, progress)
@@ -175,7 +177,7 @@ def analyze_member(ctx: Context, member: RT.Member, masks_path: Path) -> dict[st
     snr = S.snr_table(raw.snr_local, raw.snr_acc)
     lsar = lsar_frame(ctx, raw.pooled)
     lape, removed_all, pruned_scores = lape_frame(ctx, raw.lape, packed)
-    metrics = headline_metrics(snr, lsar, lape, removed_all)
+    metrics = {**headline_metrics(snr, lsar, lape, removed_all), **interval_metrics(ctx, raw)}
     metrics["time.analysis_s"] = time.perf_counter() - t0
     log_member(ctx, member, snr, lsar, lape, raw.lape, pruned_scores, metrics, weights)
     return metrics
@@ -201,6 +203,7 @@ def log_member(
     _log_lape_files(run, ctx, member, counts, pruned_scores)
     run.log_json(analysis_summary(ctx, member, weights, metrics), RT.ANALYSIS_SUMMARY)
     run.set_tags({"langprune.analysis.weights": weights,
+                  "langprune.analysis.lsar_source": ctx.text.lsar_source,
                   "langprune.analysis.dense_cache": ctx.dense.key, RT.TAG_ANALYSIS: "done"})
 
 

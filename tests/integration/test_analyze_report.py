@@ -181,6 +181,10 @@ def test_headline_metrics_summarise_the_logged_tables(env):
         lape = RT.read_csv_artifact(member.run_id, RT.LAPE_TABLE)
         assert list(lape["lang"]) == LANGS
         assert 0.3 < m["lape.removed.all"] < 0.7  # ~ the 50% sparsity of the FFN weights
+        for name in ("snr_acc.band.late.de", "snr_local.band.early", "lsar.rel.agnostic",
+                     "lsar.rel.specific.band.middle.sw"):
+            assert m[f"{name}.ci95_low"] <= m[name] <= m[f"{name}.ci95_high"], name
+        assert run.data.tags["langprune.analysis.lsar_source"] == "flores"  # sw: no Belebele
         history = client.get_metric_history(member.run_id, f"snr_acc.{LANGS[0]}")
         assert sorted(h.step for h in history) == [0, 1, 2, 3]
 
@@ -222,6 +226,8 @@ def test_report_is_byte_identical_and_matches_the_store(env):
     assert ppl.loc["de", "sw"] == pytest.approx(np.mean(de_runs), rel=1e-5)
     summary = (first / "summary.md").read_text()
     assert "target-language calibration is best (ties included) for" in summary
+    assert "is highest when calibrated on L in" in summary
+    assert "agnostic loss concentrated in middle-to-late layers:" in summary
     logged = {p.rsplit("/", 1)[1] for p in RT.list_artifacts(env["sweep"], "report")}
     assert set(names) <= logged
 

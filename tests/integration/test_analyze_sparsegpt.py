@@ -73,6 +73,7 @@ def test_sparsegpt_is_analysed_on_its_pruned_weights(env, tmp_path):
     member = RT.load_sweep(env["sweep"]).members[0]
     run = env["client"].get_run(member.run_id)
     assert run.data.tags["langprune.analysis.weights"] == WEIGHTS_PRUNED
+    assert run.data.tags["langprune.analysis.lsar_source"] == "belebele"  # de and en have it
     dense = AutoModelForCausalLM.from_pretrained(env["model_dir"]).eval()
     masked = AutoModelForCausalLM.from_pretrained(env["model_dir"]).eval()
     apply_masks(masked, load_packed(RT.download_masks(member.run_id, tmp_path)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -34,3 +35,64 @@ def test_only_sparsegpt_declares_that_it_updates_weights():
     flags = {name: PRUNERS.get(name).updates_weights for name in PRUNERS.names()}
     assert flags.pop("sparsegpt") is True
     assert flags and not any(flags.values())
+
+
+def _acc(sums: list[tuple[float, float]]):
+    import torch
+
+    from analysis.snr import SnrAccumulator
+
+    acc = SnrAccumulator()
+    for s, n in sums:  # a window whose dense output has energy s and error energy n
+        d = torch.tensor([[math.sqrt(s)]], dtype=torch.float64)
+        acc.update(d, d - math.sqrt(n))
+    return acc
+
+
+def test_snr_accumulator_keeps_per_window_sums_that_add_up():
+    import torch
+
+    from analysis.snr import SnrAccumulator
+
+    acc = SnrAccumulator()
+    y = torch.randn(3, 5, 4)
+    acc.update(y, y * 0.9)
+    assert len(acc.windows) == 3
+    assert sum(s for s, _ in acc.windows) == pytest.approx(acc.signal)
+    assert sum(n for _, n in acc.windows) == pytest.approx(acc.noise)
+
+
+def test_band_snr_intervals_are_seeded_and_bracket_the_pooled_value():
+    from analysis import uncertainty as U
+
+    rng = np.random.default_rng(1)
+    local = {lang: [_acc([(1.0, float(rng.uniform(0.01, 0.1))) for _ in range(12)])
+                    for _ in range(6)] for lang in ("de", "sw")}
+    a = U.snr_intervals(local, local, seed=3)
+    assert a == U.snr_intervals(local, local, seed=3)
+    assert set(U.layer_bands(6)) == {"early", "middle", "late"} and U.layer_bands(2).keys() == {
+        "early", "middle"}
+    early = [acc for layer in (0, 1) for acc in local["de"][layer:layer + 1]]
+    signal = sum(acc.signal for acc in early)
+    noise = sum(acc.noise for acc in early)
+    assert a["snr_local.band.early.de"] == pytest.approx(10 * math.log10(signal / noise))
+    for name in ("snr_acc.band.late.sw", "snr_local.band.middle"):
+        assert a[f"{name}.ci95_low"] <= a[name] <= a[f"{name}.ci95_high"]
+        assert a[f"{name}.ci95_low"] < a[f"{name}.ci95_high"]
+
+
+def test_report_counts_own_language_snr_wins_and_ties():
+    from analysis import report_analysis as RA
+
+    rows = []
+    for calib, de, sw in (("de", (30, 29, 31), (10, 9, 11)), ("sw", (20, 19, 21), (10.5, 9, 12))):
+        row = {"method": "wanda", "calib_lang": calib}
+        for lang, (v, lo, hi) in (("de", de), ("sw", sw)):
+            for band in ("early", "middle", "late"):
+                name = f"snr_acc.band.{band}.{lang}"
+                row.update({name: v, f"{name}.ci95_low": lo, f"{name}.ci95_high": hi})
+        rows.append(row)
+    items = RA.snr_sentences(pd.DataFrame(rows), "wanda", ["de", "sw"])
+    assert len(items) == 3
+    assert "is highest when calibrated on L in 1 of 2 cases (de 30.00 [29.00, 31.00] dB)" in items[0]
+    assert "lower in 0, indistinguishable in 1" in items[0]
