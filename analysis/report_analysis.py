@@ -92,7 +92,8 @@ def _diff(own: Sequence[Triple], other: Sequence[Triple]) -> Triple:
 
 def own_vs_other(runs: pd.DataFrame, method: str, langs: Sequence[str], name: str) -> Triple:
     """Own-language minus other-language calibration of metric ``<name>.<lang>``."""
-    own, other = [], []
+    own: list[Triple] = []
+    other: list[Triple] = []
     for lang in langs:
         for calib, t in _by_calib(runs, method, f"{name}.{lang}").items():
             if not math.isnan(t[0]):

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
+from torch import Tensor
 
 from analysis import lsar as LS
 from analysis import snr as S
@@ -105,7 +106,7 @@ def _ratio_stat(num: Array, den: Array) -> Stat:
     return lambda w: np.asarray((w @ num) / (w @ den), dtype=float)
 
 
-def _norms(dense: Sequence[Mapping[str, object]], pooled: Mapping[str, Sequence[object]],
+def _norms(dense: Sequence[Mapping[str, Tensor]], pooled: Mapping[str, Sequence[Tensor]],
            bases: Sequence[LS.LsarBasis], lang: str) -> Array:
     """``[layers, sentences, 3]``: agnostic and specific change norms, dense state norm."""
     rows = []
@@ -116,7 +117,7 @@ def _norms(dense: Sequence[Mapping[str, object]], pooled: Mapping[str, Sequence[
 
 
 def lsar_intervals(
-    dense: Sequence[Mapping[str, object]], pooled: Mapping[str, Sequence[object]],
+    dense: Sequence[Mapping[str, Tensor]], pooled: Mapping[str, Sequence[Tensor]],
     bases: Sequence[LS.LsarBasis], seed: int, resamples: int = RESAMPLES,
 ) -> dict[str, float]:
     """``lsar.rel.<part>[.band.<band>][.<lang>]`` and the mid-late vs early agnostic shift."""
