@@ -96,3 +96,31 @@ def test_report_counts_own_language_snr_wins_and_ties():
     assert len(items) == 3
     assert "is highest when calibrated on L in 1 of 2 cases (de 30.00 [29.00, 31.00] dB)" in items[0]
     assert "lower in 0, indistinguishable in 1" in items[0]
+
+
+def test_relative_lsar_change_and_the_mid_late_shift():
+    import torch
+
+    from analysis import lsar as LS
+    from analysis import uncertainty as U
+
+    gen = torch.Generator().manual_seed(0)
+    langs = ("de", "sw")
+    dense = [{lang: torch.randn(20, 8, generator=gen) for lang in langs} for _ in range(6)]
+    bases = [LS.fit_lsar(LS.language_means(by)[0], languages=langs) for by in dense]
+    scale = [0.01, 0.01, 0.1, 0.1, 0.1, 0.1]  # later layers move 10x more
+    pooled = {lang: [d[lang] + s * torch.randn(20, 8, generator=gen)
+                     for d, s in zip(dense, scale)] for lang in langs}
+    m = U.lsar_intervals(dense, pooled, bases, seed=0)
+    agn, spec, ref = LS.change_norms(dense[0]["de"], pooled["de"][0], bases[0])
+    a1, s1, r1 = LS.change_norms(dense[1]["de"], pooled["de"][1], bases[1])
+    expected = float((agn.sum() + a1.sum()) / (ref.sum() + r1.sum()))
+    assert m["lsar.rel.agnostic.band.early.de"] == pytest.approx(expected, rel=1e-6)
+    assert m["lsar.rel.agnostic.midlate_minus_early.ci95_low"] > 0
+    assert m == U.lsar_intervals(dense, pooled, bases, seed=0)
+    runs = pd.DataFrame([{"method": "wanda", "calib_lang": c, **m} for c in langs])
+    from analysis import report_analysis as RA
+
+    text = " ".join(RA.lsar_sentences(runs, "wanda", list(langs)))
+    assert "agnostic loss concentrated in middle-to-late layers: yes in 2, no in 0" in text
+    assert "as a share of the dense feature norm" in text
