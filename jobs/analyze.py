@@ -78,9 +78,9 @@ from analysis.reference import (
     save_dense_reference,
 )
 from analysis.text import AnalysisText, build_text
+from jobs.reprune import apply_run_weights
 from pipeline.config import Config, ModelCfg, split_list
 from pipeline.errors import LangpruneError
-from jobs.reprune import apply_run_weights
 from pipeline.masks import load_packed, read_metadata
 from tracking import params as P
 from tracking import runs as R
@@ -164,8 +164,8 @@ def _dense_side(
 
 
 def analyze_member(ctx: Context, member: RT.Member, masks_path: Path) -> dict[str, float]:
-    """Put the run's evaluated weights into the dense model (:func:`jobs.reprune.apply_run_weights`),
-    measure, restore, and log it all to the run."""
+    """Put the run's evaluated weights into the dense model
+    (:func:`jobs.reprune.apply_run_weights`), measure, restore, and log it all to the run."""
     t0 = time.perf_counter()
     packed = load_packed(masks_path)
     ctx.snapshot.restore()

@@ -94,7 +94,8 @@ def test_report_counts_own_language_snr_wins_and_ties():
         rows.append(row)
     items = RA.snr_sentences(pd.DataFrame(rows), "wanda", ["de", "sw"])
     assert len(items) == 3
-    assert "is highest when calibrated on L in 1 of 2 cases (de 30.00 [29.00, 31.00] dB)" in items[0]
+    own = "is highest when calibrated on L in 1 of 2 cases (de 30.00 [29.00, 31.00] dB)"
+    assert own in items[0]
     assert "lower in 0, indistinguishable in 1" in items[0]
 
 
