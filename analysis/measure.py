@@ -18,6 +18,7 @@ import pandas as pd
 from torch import Tensor
 
 from analysis import lape as LP
+from analysis import lape_uncertainty as LU
 from analysis import lsar as LS
 from analysis import snr as S
 from analysis import uncertainty as U
@@ -46,6 +47,7 @@ class Context:
         timings: Seconds spent loading the model (``load_s``) and on the dense side
             (``dense_s``).
         tokenizer: The model's tokenizer (to re-calibrate weight-updating runs).
+        dense_windows: Dense LAPE counts per window (for the LAPE intervals).
     """
 
     cfg: Config
@@ -58,6 +60,7 @@ class Context:
     cache_folder: Path
     timings: dict[str, float] = field(default_factory=dict)
     tokenizer: Any = None
+    dense_windows: LP.ActivationCounter | None = None
 
 
 class _Unpacked(Mapping[str, Tensor]):
@@ -89,7 +92,8 @@ class Measurements:
 def measure(ctx: Context) -> Measurements:
     """SNR, LAPE counts and LSAR pooled states of the model as it is now (masked)."""
     eng, text = ctx.engine, ctx.text
-    counter = LP.ActivationCounter(text.languages, len(eng.layers), eng.n_neurons)
+    counter = LP.ActivationCounter(text.languages, len(eng.layers), eng.n_neurons,
+                                   per_window=True)
     hooks = NeuronCounter(counter, eng.layout)
     local, acc = {}, {}
     with hooks.hooked(eng.layers):
@@ -177,13 +181,23 @@ def headline_metrics(
 
 
 
-def interval_metrics(ctx: Context, raw: Measurements) -> dict[str, float]:
+def interval_metrics(
+    ctx: Context, raw: Measurements, masks: Mapping[str, PackedMask] | None = None
+) -> dict[str, float]:
     """Band SNR and relative LSAR changes with bootstrap intervals (:mod:`analysis.uncertainty`),
-    seeded with the run seed."""
+    and, given the run's masks and dense per-window counts, the LAPE intervals
+    (:mod:`analysis.lape_uncertainty`); seeded with the run seed."""
     seed = ctx.cfg.run.seed
     out = U.snr_intervals(raw.snr_local, raw.snr_acc, seed)
     if raw.pooled:
         out.update(U.lsar_intervals(ctx.dense.lsar_states, raw.pooled, ctx.dense.bases, seed))
+    if masks is not None and ctx.dense_windows is not None:
+        a, lay, p = ctx.cfg.analysis, ctx.engine.layout, raw.lape.over_zero
+        share = LU.neuron_pruned_share(_Unpacked(masks), p.shape[1], p.shape[2], lay.rows,
+                                       lay.cols)
+        tokens = int(next(iter(ctx.text.windows.values())).shape[1])
+        out.update(LU.lape_intervals(ctx.dense_windows, raw.lape, share, tokens,
+                                     a.lape_top_rate, a.lape_filter_quantile, seed))
     return out
 
 

@@ -131,3 +131,21 @@ def lsar_sentences(runs: pd.DataFrame, method: str, langs: Sequence[str]) -> lis
         f"{_fmt(own_a, '.4f')} (above 0: {_verdict(own_a)}), specific share "
         f"{_fmt(own_s, '.4f')} (above 0: {_verdict(own_s)})",
     ]
+
+
+def lape_sentences(runs: pd.DataFrame, method: str, langs: Sequence[str]) -> list[str]:
+    """Own-vs-other removed share of a language's specific neurons, and the mean Jaccard, with
+    intervals."""
+    rows = runs[runs["method"] == method]
+    if not any(f"lape.removed.{lang}.ci95_low" in rows for lang in langs):
+        return []
+    own = own_vs_other(runs, method, langs, "lape.removed")
+    jac = [_triple(rows, f"lape.overlap.{lang}") for lang in langs]
+    jac = [t for t in jac if not math.isnan(t[0])]
+    mean_jac: Triple = (math.nan, math.nan, math.nan)
+    if jac:
+        v, lo, hi = (float(np.mean([t[k] for t in jac])) for k in range(3))
+        mean_jac = (v, lo, hi)
+    return [f"{method}: removed share of a language's specific neurons, own-language minus "
+            f"other-language calibration {_fmt(own, '.4f')} (above 0: {_verdict(own)}); "
+            f"dense vs pruned Jaccard {_fmt(mean_jac, '.3f')} (mean over languages and runs)"]

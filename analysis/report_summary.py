@@ -125,6 +125,7 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
                          f"{_fmt(other, '.3f')} for other calibration languages; dense vs pruned "
                          f"neuron sets overlap (Jaccard) {_fmt(float(jac.mean()), '.3f')} "
                          "on average")
+            items += RA.lape_sentences(inputs.runs, m, inputs.eval_langs)
         blocks += [("h2", "LAPE: language-specific neurons"), ("ul", items)]
         blocks += [("img", (f"LAPE, {m}", f"lape_hist_{m}.png"))
                    for m in sorted(set(inputs.lape["method"]))

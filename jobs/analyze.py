@@ -68,7 +68,7 @@ from analysis.measure import (
     lsar_frame,
     measure,
 )
-from analysis.neurons import ffn_layout
+from analysis.neurons import NeuronCounter, ffn_layout
 from analysis.passes import Engine, dense_window_states
 from analysis.reference import (
     DenseReference,
@@ -117,12 +117,12 @@ def build_context(cfg: Config, sweep: RT.Sweep, *, progress: bool = True) -> Con
     folder = cache_dir(cfg.model.model_cache) / "analysis" / key
     timings = {"load_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    dense, states = _dense_side(engine, text, key, folder, a.lsar_pooling)
+    dense, states, windows = _dense_side(engine, text, key, folder, a.lsar_pooling)
     timings["dense_s"] = time.perf_counter() - t1
     selection = LP.select_language_specific(dense.lape.probabilities(), list(text.languages),
                                             a.lape_top_rate, a.lape_filter_quantile)
     return Context(cfg, engine, DenseSnapshot(engine.model), text, dense, states, selection,
-                   folder, timings, tokenizer)
+                   folder, timings, tokenizer, windows)
 
 
 def _load_engine(
@@ -147,17 +147,26 @@ def _load_engine(
 
 def _dense_side(
     engine: Engine, text: AnalysisText, key: str, folder: Path, pooling: str
-) -> tuple[DenseReference, dict[str, list[list[Tensor]]]]:
-    """The dense reference (cached in ``folder``, computed there if missing) and dense states."""
+) -> tuple[DenseReference, dict[str, list[list[Tensor]]], LP.ActivationCounter]:
+    """The dense reference (cached in ``folder``, computed there if missing), dense states and
+    the dense LAPE counts per window (recounted with the states when the reference is cached).
+    """
     dense = load_dense_reference(folder)
     if dense is None:
         log.info("computing the dense analysis reference (cached at %s)", folder)
         dense, states = compute_dense_reference(engine, text, pooling, key)
         save_dense_reference(dense, folder)
-    else:
-        log.info("dense analysis reference from cache %s", folder)
-        states = {lang: dense_window_states(engine, text.windows[lang]) for lang in text.languages}
-    return dense, states
+        return dense, states, dense.lape
+    log.info("dense analysis reference from cache %s", folder)
+    counter = LP.ActivationCounter(text.languages, len(engine.layers), engine.n_neurons,
+                                   per_window=True)
+    hooks = NeuronCounter(counter, engine.layout)
+    states = {}
+    with hooks.hooked(engine.layers):
+        for lang in text.languages:
+            with hooks.counting(lang):
+                states[lang] = dense_window_states(engine, text.windows[lang])
+    return dense, states, counter
 
 
 # ---- one run ---------------------------------------------------------------------------------
@@ -177,7 +186,8 @@ def analyze_member(ctx: Context, member: RT.Member, masks_path: Path) -> dict[st
     snr = S.snr_table(raw.snr_local, raw.snr_acc)
     lsar = lsar_frame(ctx, raw.pooled)
     lape, removed_all, pruned_scores = lape_frame(ctx, raw.lape, packed)
-    metrics = {**headline_metrics(snr, lsar, lape, removed_all), **interval_metrics(ctx, raw)}
+    metrics = {**headline_metrics(snr, lsar, lape, removed_all),
+               **interval_metrics(ctx, raw, packed)}
     metrics["time.analysis_s"] = time.perf_counter() - t0
     log_member(ctx, member, snr, lsar, lape, raw.lape, pruned_scores, metrics, weights)
     return metrics

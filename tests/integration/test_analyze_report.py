@@ -184,6 +184,8 @@ def test_headline_metrics_summarise_the_logged_tables(env):
         for name in ("snr_acc.band.late.de", "snr_local.band.early", "lsar.rel.agnostic",
                      "lsar.rel.specific.band.middle.sw"):
             assert m[f"{name}.ci95_low"] <= m[name] <= m[f"{name}.ci95_high"], name
+        for lang in LANGS:
+            assert m[f"lape.removed.{lang}.ci95_low"] <= m[f"lape.removed.{lang}.ci95_high"]
         assert run.data.tags["langprune.analysis.lsar_source"] == "flores"  # sw: no Belebele
         history = client.get_metric_history(member.run_id, f"snr_acc.{LANGS[0]}")
         assert sorted(h.step for h in history) == [0, 1, 2, 3]
@@ -228,6 +230,7 @@ def test_report_is_byte_identical_and_matches_the_store(env):
     assert "target-language calibration is best (ties included) for" in summary
     assert "is highest when calibrated on L in" in summary
     assert "agnostic loss concentrated in middle-to-late layers:" in summary
+    assert "removed share of a language's specific neurons, own-language minus" in summary
     logged = {p.rsplit("/", 1)[1] for p in RT.list_artifacts(env["sweep"], "report")}
     assert set(names) <= logged
 

@@ -125,3 +125,25 @@ def test_relative_lsar_change_and_the_mid_late_shift():
     text = " ".join(RA.lsar_sentences(runs, "wanda", list(langs)))
     assert "agnostic loss concentrated in middle-to-late layers: yes in 2, no in 0" in text
     assert "as a share of the dense feature norm" in text
+
+
+def test_lape_intervals_are_paired_and_seeded():
+    import torch
+
+    from analysis import lape as LP
+    from analysis import lape_uncertainty as LU
+
+    gen = torch.Generator().manual_seed(0)
+    langs = ("de", "sw")
+    counter = LP.ActivationCounter(langs, 2, 50, per_window=True)
+    for k, lang in enumerate(langs):
+        for layer in range(2):
+            bias = torch.zeros(50)
+            bias[k * 10:(k + 1) * 10] = 3.0  # neurons 0-9 fire for de, 10-19 for sw
+            counter.update(lang, layer, torch.randn(6, 16, 50, generator=gen) - 1 + bias)
+    assert counter.window_counts("de").shape == (6, 2, 50)
+    share = torch.full((2, 50), 0.25)
+    m = LU.lape_intervals(counter, counter, share, 16, 0.1, 0.95, seed=0, resamples=50)
+    assert m == LU.lape_intervals(counter, counter, share, 16, 0.1, 0.95, seed=0, resamples=50)
+    assert m["lape.overlap.de.ci95_low"] == m["lape.overlap.de.ci95_high"] == 1.0  # same model
+    assert m["lape.removed.sw.ci95_low"] == pytest.approx(0.25)
