@@ -7,7 +7,7 @@ neuron selections are redone (:func:`analysis.lape.select_language_specific`, th
 as the headline) and ``lape.removed.<lang>`` (share of the dense selection's weights the
 mask pruned) and ``lape.overlap.<lang>`` (Jaccard) are recomputed. Far fewer resamples than
 the other analyses (:data:`RESAMPLES` = 50, so the 2.5/97.5% bounds are coarse), because each
-one re-selects neurons twice: ~0.13 CPU s per resample on Gemma 3 270M with seven languages
+one re-selects neurons twice: ~0.25 CPU s per resample on Gemma 3 270M with seven languages
 (benchmarks/RESULTS.md section 7), which the sweep budget bounds.
 """
 
