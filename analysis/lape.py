@@ -57,13 +57,16 @@ class ActivationCounter:
         n_neurons: FFN units per layer (the MLP intermediate size).
     """
 
-    def __init__(self, languages: Sequence[str], n_layers: int, n_neurons: int) -> None:
+    def __init__(self, languages: Sequence[str], n_layers: int, n_neurons: int,
+                 per_window: bool = False) -> None:
         if len(set(languages)) != len(languages) or not languages:
             raise LangpruneError(f"languages must be distinct and non-empty: {list(languages)}")
         self.languages = tuple(languages)
         self._index = {lang: i for i, lang in enumerate(self.languages)}
         self.over_zero = torch.zeros(len(languages), n_layers, n_neurons, dtype=torch.int64)
         self.tokens = torch.zeros(len(languages), n_layers, dtype=torch.int64)
+        # per_window: (language, layer) -> one [windows, neurons] count per unmasked batch
+        self.windows: dict[tuple[str, int], list[Tensor]] | None = {} if per_window else None
 
     def update(self, lang: str, layer: int, act: Tensor, mask: Tensor | None = None) -> None:
         """Count one batch of activations.
@@ -92,6 +95,8 @@ class ActivationCounter:
             flat = flat[mask.reshape(-1).to(flat.device).bool()]
         i = self._index[lang]
         self.over_zero[i, layer] += (flat > 0).sum(dim=0).cpu()
+        if self.windows is not None and mask is None and act.dim() == 3:
+            self.windows.setdefault((lang, layer), []).append((act.detach() > 0).sum(1).cpu())
         self.tokens[i, layer] += flat.shape[0]
 
     def merge(self, other: ActivationCounter) -> None:
@@ -100,6 +105,13 @@ class ActivationCounter:
             raise ValueError("cannot merge counters of different languages or shapes")
         self.over_zero += other.over_zero
         self.tokens += other.tokens
+
+    def window_counts(self, lang: str) -> Tensor:
+        """``[windows, layers, neurons]`` counts of ``lang`` (needs ``per_window=True``)."""
+        if self.windows is None:
+            raise ValueError("this counter does not record per-window counts")
+        layers = self.over_zero.shape[1]
+        return torch.stack([torch.cat(self.windows[(lang, i)]) for i in range(layers)], dim=1)
 
     def probabilities(self) -> Tensor:
         """p: float64 [languages, layers, neurons], the fraction of tokens with act > 0.

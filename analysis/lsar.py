@@ -191,6 +191,20 @@ def lsar_change(dense_h: Tensor, pruned_h: Tensor, basis: LsarBasis) -> LsarChan
     )
 
 
+def change_norms(dense_h: Tensor, pruned_h: Tensor, basis: LsarBasis) -> tuple[Tensor, Tensor,
+                                                                                Tensor]:
+    """Per state: ``(||agnostic part of Δ||, ||specific part of Δ||, ||dense state||)``.
+
+    The per-sentence terms of :func:`lsar_change` (whose parts are their means), plus the
+    dense feature norm the relative changes of :mod:`analysis.uncertainty` divide by.
+    """
+    dtype = _compute_dtype(dense_h)
+    diff = dense_h.to(dtype) - pruned_h.to(dtype)
+    specific, agnostic = split(diff, basis)
+    norm = torch.linalg.vector_norm
+    return norm(agnostic, dim=-1), norm(specific, dim=-1), norm(dense_h.to(dtype), dim=-1)
+
+
 def _check_pool_inputs(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     if hidden.ndim != 3:
         raise ValueError(f"hidden states must be [n, T, d], got {tuple(hidden.shape)}")

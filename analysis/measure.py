@@ -18,8 +18,10 @@ import pandas as pd
 from torch import Tensor
 
 from analysis import lape as LP
+from analysis import lape_uncertainty as LU
 from analysis import lsar as LS
 from analysis import snr as S
+from analysis import uncertainty as U
 from analysis.keys import RunKeys
 from analysis.neurons import NeuronCounter
 from analysis.passes import Engine, pooled_states, snr_pass
@@ -44,6 +46,8 @@ class Context:
         cache_folder: Where the dense reference is cached.
         timings: Seconds spent loading the model (``load_s``) and on the dense side
             (``dense_s``).
+        tokenizer: The model's tokenizer (to re-calibrate weight-updating runs).
+        dense_windows: Dense LAPE counts per window (for the LAPE intervals).
     """
 
     cfg: Config
@@ -55,6 +59,8 @@ class Context:
     dense_selection: dict[str, set[LP.Neuron]]
     cache_folder: Path
     timings: dict[str, float] = field(default_factory=dict)
+    tokenizer: Any = None
+    dense_windows: LP.ActivationCounter | None = None
 
 
 class _Unpacked(Mapping[str, Tensor]):
@@ -86,7 +92,8 @@ class Measurements:
 def measure(ctx: Context) -> Measurements:
     """SNR, LAPE counts and LSAR pooled states of the model as it is now (masked)."""
     eng, text = ctx.engine, ctx.text
-    counter = LP.ActivationCounter(text.languages, len(eng.layers), eng.n_neurons)
+    counter = LP.ActivationCounter(text.languages, len(eng.layers), eng.n_neurons,
+                                   per_window=True)
     hooks = NeuronCounter(counter, eng.layout)
     local, acc = {}, {}
     with hooks.hooked(eng.layers):
@@ -137,9 +144,15 @@ def lape_frame(
     return table, removed_all, LP.lape_scores(p)
 
 
-def _mean_db(values: Sequence[float]) -> float:
+def _mean_db(values: Sequence[float]) -> tuple[float, int]:
+    """Mean of the finite per-layer SNRs and how many layers were dropped as non-finite.
+
+    A layer whose SNR is +inf (identical outputs), -inf or NaN has no place in a dB mean; it
+    is left out, and the count is logged as ``snr_*.mean.n_dropped`` so the mean never hides
+    it (NaN when every layer is non-finite).
+    """
     finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    return (float(np.mean(finite)) if finite else math.nan), len(values) - len(finite)
 
 
 def headline_metrics(
@@ -150,7 +163,8 @@ def headline_metrics(
     pooled = S.mean_snr_by_layer(snr)
     for kind, name in (("local", "snr_local"), ("accumulated", "snr_acc")):
         rows = pooled[pooled["kind"] == kind].sort_values("layer")
-        m[f"{name}.mean"] = _mean_db(rows["snr_db"].tolist())
+        m[f"{name}.mean"], dropped = _mean_db(rows["snr_db"].tolist())
+        m[f"{name}.mean.n_dropped"] = float(dropped)
         m[f"{name}.final"] = float(rows["snr_db"].iloc[-1])
         for lang, group in snr[snr["kind"] == kind].groupby("eval_lang", sort=True):
             m[f"{name}.final.{lang}"] = float(group.sort_values("layer")["snr_db"].iloc[-1])
@@ -165,6 +179,26 @@ def headline_metrics(
     m["lape.removed.all"] = removed_all
     return m
 
+
+
+def interval_metrics(
+    ctx: Context, raw: Measurements, masks: Mapping[str, PackedMask] | None = None
+) -> dict[str, float]:
+    """Band SNR and relative LSAR changes with bootstrap intervals (:mod:`analysis.uncertainty`),
+    and, given the run's masks and dense per-window counts, the LAPE intervals
+    (:mod:`analysis.lape_uncertainty`); seeded with the run seed."""
+    seed = ctx.cfg.run.seed
+    out = U.snr_intervals(raw.snr_local, raw.snr_acc, seed)
+    if raw.pooled:
+        out.update(U.lsar_intervals(ctx.dense.lsar_states, raw.pooled, ctx.dense.bases, seed))
+    if masks is not None and ctx.dense_windows is not None:
+        a, lay, p = ctx.cfg.analysis, ctx.engine.layout, raw.lape.over_zero
+        share = LU.neuron_pruned_share(_Unpacked(masks), p.shape[1], p.shape[2], lay.rows,
+                                       lay.cols)
+        tokens = int(next(iter(ctx.text.windows.values())).shape[1])
+        out.update(LU.lape_intervals(ctx.dense_windows, raw.lape, share, tokens,
+                                     a.lape_top_rate, a.lape_filter_quantile, seed))
+    return out
 
 
 def analysis_summary(
@@ -186,6 +220,7 @@ def analysis_summary(
         "languages": list(text.languages),
         "windows_per_language": {k: list(v.shape) for k, v in text.windows.items()},
         "lsar_sentences": int(next(iter(text.sentences.values())).shape[0]),
+        "lsar_source": text.lsar_source,
         "dense_cache": ctx.dense.key,
         "metrics": {k: metrics[k] for k in sorted(metrics)},
     }

@@ -79,7 +79,7 @@ def compute_dense_reference(
 ) -> tuple[DenseReference, dict[str, list[list[Tensor]]]]:
     """Dense LAPE counts, LSAR states and bases, and the dense states SNR compares against."""
     langs = text.languages
-    counter = LP.ActivationCounter(langs, len(engine.layers), engine.n_neurons)
+    counter = LP.ActivationCounter(langs, len(engine.layers), engine.n_neurons, per_window=True)
     hooks = NeuronCounter(counter, engine.layout)
     states = {}
     with hooks.hooked(engine.layers):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from analysis import report_analysis as RA
 from analysis.comparisons import Case, Column, cases, verdicts
 from analysis.iou import random_iou_baseline
 from analysis.report_compare import Compared
@@ -170,6 +171,7 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
             items.append(f"{m}: mean change of the agnostic part {_fmt(own_a, '.4g')} when "
                          f"calibrating on the evaluation language vs {_fmt(other_a, '.4g')} "
                          f"otherwise; specific part {_fmt(own_s, '.4g')} vs {_fmt(other_s, '.4g')}")
+            items += RA.lsar_sentences(inputs.runs, m, inputs.eval_langs)
         blocks += [("h2", "LSAR: language-agnostic and language-specific subspaces"), ("ul", items)]
         blocks += [("img", (f"LSAR {p}, {m}", f"lsar_{p}_{m}.png"))
                    for m in sorted(set(inputs.lsar["method"])) for p in ("agnostic", "specific")]
@@ -183,6 +185,7 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
                          f"{_fmt(other, '.3f')} for other calibration languages; dense vs pruned "
                          f"neuron sets overlap (Jaccard) {_fmt(float(jac.mean()), '.3f')} "
                          "on average")
+            items += RA.lape_sentences(inputs.runs, m, inputs.eval_langs)
         blocks += [("h2", "LAPE: language-specific neurons"), ("ul", items)]
         blocks += [("img", (f"LAPE, {m}", f"lape_hist_{m}.png"))
                    for m in sorted(set(inputs.lape["method"]))
@@ -204,6 +207,7 @@ def _snr_items(inputs: ReportInputs) -> list[str]:
         hi = max(final, key=lambda c: (final[c], c))
         items.append(f"{m}: accumulated SNR after the last layer from {final[lo]:.2f} dB "
                      f"(calibrated on {lo}) to {final[hi]:.2f} dB (on {hi})")
+        items += RA.snr_sentences(inputs.runs, m, inputs.eval_langs)
     return items
 
 

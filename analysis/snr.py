@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -86,17 +86,26 @@ class SnrAccumulator:
         signal: Sum of squares of the dense outputs so far.
         noise: Sum of squares of the errors so far.
         numel: Number of output elements seen.
+        windows: ``(signal, noise)`` of every window (row of the first dimension) seen, in
+            order: the units :mod:`analysis.uncertainty` resamples.
     """
 
     signal: float = 0.0
     noise: float = 0.0
     numel: int = 0
+    windows: list[tuple[float, float]] = field(default_factory=list)
 
     def update(self, y_dense: Tensor, y_pruned: Tensor) -> None:
-        """Add one batch of dense and pruned outputs (same shape)."""
-        signal, noise = _sums_of_squares(y_dense, y_pruned)
-        self.signal += signal
-        self.noise += noise
+        """Add one batch of dense and pruned outputs (same shape; rows are windows)."""
+        if y_dense.shape != y_pruned.shape:
+            raise ValueError(
+                f"output shapes differ: {tuple(y_dense.shape)} vs {tuple(y_pruned.shape)}")
+        rows = zip(y_dense, y_pruned) if y_dense.dim() > 1 else [(y_dense, y_pruned)]
+        for d, p in rows:
+            signal, noise = _sums_of_squares(d, p)
+            self.windows.append((signal, noise))
+            self.signal += signal
+            self.noise += noise
         self.numel += y_dense.numel()
 
     def merge(self, other: SnrAccumulator) -> None:
@@ -104,6 +113,7 @@ class SnrAccumulator:
         self.signal += other.signal
         self.noise += other.noise
         self.numel += other.numel
+        self.windows += other.windows
 
     @property
     def snr_db(self) -> float:

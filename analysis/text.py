@@ -29,12 +29,15 @@ class AnalysisText:
         sentences: Language -> ``[K, T]`` first K sentences, right-padded (causal attention
             never lets a real token see the padding to its right).
         lengths: Language -> ``[K]`` real lengths of those sentences.
+        lsar_source: Where the LSAR sentences come from: ``belebele`` (passages) or the
+            evaluation source.
     """
 
     languages: tuple[str, ...]
     windows: Mapping[str, Tensor]
     sentences: Mapping[str, Tensor]
     lengths: Mapping[str, Tensor]
+    lsar_source: str = ""
 
     def digest(self) -> str:
         """sha256 over every token id: identifies tokenizer + text + budget."""
@@ -105,14 +108,41 @@ def _sentence_batch(
     return batch, torch.tensor([len(r) for r in rows], dtype=torch.int64)
 
 
+def belebele_passages(languages: Sequence[str]) -> dict[str, list[str]] | None:
+    """The bundled Belebele passages of every language, aligned (sorted by link), or None
+    when some language has no bundled Belebele file."""
+    from pipeline.data.sources import bundled_path, read_jsonl
+
+    paths = {lang: bundled_path("belebele", lang) for lang in languages}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    out = {}
+    for lang, path in paths.items():
+        by_link = {r["link"]: r["flores_passage"] for r in read_jsonl(path)}
+        out[lang] = [by_link[link] for link in sorted(by_link)]
+    return out
+
+
+def lsar_texts(
+    source: str, texts: Mapping[str, list[str]]
+) -> tuple[str, Mapping[str, list[str]]]:
+    """The LSAR prompts: Belebele passages, as the LSAR paper's probing uses, when every
+    language has them; otherwise the evaluation sentences. The prompts must be parallel
+    (the same items in every language), so one source serves all languages: mixing
+    Belebele for some and FLORES for others would compare different texts."""
+    passages = belebele_passages(list(texts))
+    return ("belebele", passages) if passages is not None else (source, texts)
+
+
 def build_text(
-    tokenizer: Any, source: str, languages: Sequence[str], tokens: int, seq_len: int
+    tokenizer: Any, source: str, languages: Sequence[str], tokens: int, seq_len: int,
+    lsar_sentences: int = 0,
 ) -> AnalysisText:
     """Windows and parallel sentences of every evaluation language.
 
-    The LSAR sentences are the first K sentences of the (parallel) corpus in every
-    language, K = the smallest number of whole sentences that reaches ``tokens`` in some
-    language, so every language gets the same sentences and no more than its budget.
+    The LSAR sentences (:func:`lsar_texts`) are the first K items of the parallel corpus in
+    every language: ``lsar_sentences`` when > 0, else K = the smallest number of whole items
+    that reaches ``tokens`` in some language, so every language gets the same sentences.
     """
     from pipeline.data.sources import load_eval_sentences
     from pipeline.evaluate.perplexity import select_text
@@ -120,10 +150,12 @@ def build_text(
     texts = {lang: load_eval_sentences(source, lang) for lang in languages}
     windows = {lang: analysis_windows(tokenizer, texts[lang], tokens, seq_len)
                for lang in languages}
-    k = min(select_text(tokenizer, texts[lang], tokens)[0] for lang in languages)
-    k = min(max(k, 1), min(len(t) for t in texts.values()))
+    name, prompts = lsar_texts(source, texts)
+    k = lsar_sentences or min(select_text(tokenizer, prompts[lang], tokens)[0]
+                              for lang in languages)
+    k = min(max(k, 1), min(len(t) for t in prompts.values()))
     sentences, lengths = {}, {}
     for lang in languages:
-        sentences[lang], lengths[lang] = _sentence_batch(tokenizer, texts[lang][:k], seq_len)
-    return AnalysisText(tuple(languages), windows, sentences, lengths)
+        sentences[lang], lengths[lang] = _sentence_batch(tokenizer, prompts[lang][:k], seq_len)
+    return AnalysisText(tuple(languages), windows, sentences, lengths, name)
 

@@ -29,8 +29,10 @@ model, dtype and evaluation text and cached under ``cache_dir()/analysis/<key>``
 safetensors + JSON; the per-layer dense states SNR compares against are recomputed once
 per process (one forward pass).
 
-SparseGPT also updates the kept weights, which the masks do not record: its runs are
-analysed as dense weights x mask (the tag ``langprune.analysis.weights`` says so).
+A method that also updates the weights it keeps (SparseGPT) is analysed on the weights it
+evaluated: :mod:`jobs.reprune` re-prunes the run's logged config on the dense model and
+refuses the run unless the re-pruned mask's sha256 is the logged one; mask-only methods are
+dense x mask, which is the same model. The tag ``langprune.analysis.weights`` says which.
 
 The computations live in :mod:`analysis` (text, neurons, passes, reference, measure,
 mask_iou); this module reads and logs through :mod:`tracking` and loads the model.
@@ -47,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from torch import Tensor
@@ -61,11 +63,12 @@ from analysis.measure import (
     Context,
     analysis_summary,
     headline_metrics,
+    interval_metrics,
     lape_frame,
     lsar_frame,
     measure,
 )
-from analysis.neurons import ffn_layout
+from analysis.neurons import NeuronCounter, ffn_layout
 from analysis.passes import Engine, dense_window_states
 from analysis.reference import (
     DenseReference,
@@ -75,9 +78,10 @@ from analysis.reference import (
     save_dense_reference,
 )
 from analysis.text import AnalysisText, build_text
+from jobs.reprune import apply_run_weights
 from pipeline.config import Config, ModelCfg, split_list
 from pipeline.errors import LangpruneError
-from pipeline.masks import apply_masks, load_packed, read_metadata
+from pipeline.masks import load_packed, read_metadata
 from tracking import params as P
 from tracking import runs as R
 from tracking import runs_table as RT
@@ -86,10 +90,6 @@ if TYPE_CHECKING:
     from pipeline.loading import ModelProbe
 
 log = logging.getLogger(__name__)
-
-# Methods whose pruned weights are not dense x mask (the masks cannot reproduce them).
-WEIGHT_UPDATING = frozenset({"sparsegpt"})
-
 
 # ---- analysis context ------------------------------------------------------------------------
 
@@ -113,20 +113,22 @@ def build_context(cfg: Config, sweep: RT.Sweep, *, progress: bool = True) -> Con
 
     t0 = time.perf_counter()
     a = cfg.analysis
-    engine, text, key = _load_engine(cfg, sweep, progress)
+    engine, text, key, tokenizer = _load_engine(cfg, sweep, progress)
     folder = cache_dir(cfg.model.model_cache) / "analysis" / key
     timings = {"load_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    dense, states = _dense_side(engine, text, key, folder, a.lsar_pooling)
+    dense, states, windows = _dense_side(engine, text, key, folder, a.lsar_pooling)
     timings["dense_s"] = time.perf_counter() - t1
     selection = LP.select_language_specific(dense.lape.probabilities(), list(text.languages),
                                             a.lape_top_rate, a.lape_filter_quantile)
     return Context(cfg, engine, DenseSnapshot(engine.model), text, dense, states, selection,
-                   folder, timings)
+                   folder, timings, tokenizer, windows)
 
 
-def _load_engine(cfg: Config, sweep: RT.Sweep, progress: bool) -> tuple[Engine, AnalysisText, str]:
-    """The sweep's model loaded, its evaluation text, and the dense cache key."""
+def _load_engine(
+    cfg: Config, sweep: RT.Sweep, progress: bool
+) -> tuple[Engine, AnalysisText, str, Any]:
+    """The sweep's model loaded, its evaluation text, the dense cache key and the tokenizer."""
     from pipeline.loading import load_model
     from pipeline.models import decoder_layers
 
@@ -134,54 +136,67 @@ def _load_engine(cfg: Config, sweep: RT.Sweep, progress: bool) -> tuple[Engine, 
     langs = split_list(sweep.params.get("eval_langs", cfg.eval.eval_langs))
     source = sweep.params.get("eval_source", cfg.eval.eval_source)
     loaded = load_model(analysis_model_cfg(cfg, sweep.params))
-    text = build_text(loaded.tokenizer, source, langs, a.analysis_tokens, a.analysis_seq_len)
+    text = build_text(loaded.tokenizer, source, langs, a.analysis_tokens, a.analysis_seq_len,
+                      a.lsar_sentences)
     layout, n_neurons = ffn_layout(decoder_layers(loaded.model)[0])
     engine = Engine(loaded.model, loaded.device, cfg.prune.capture_batch_size, cfg.model.offload,
                     layout, n_neurons, progress)
     key = dense_cache_key(loaded.source, loaded.n_params, cfg.model.dtype, a.lsar_pooling, text)
-    return engine, text, key
+    return engine, text, key, loaded.tokenizer
 
 
 def _dense_side(
     engine: Engine, text: AnalysisText, key: str, folder: Path, pooling: str
-) -> tuple[DenseReference, dict[str, list[list[Tensor]]]]:
-    """The dense reference (cached in ``folder``, computed there if missing) and dense states."""
+) -> tuple[DenseReference, dict[str, list[list[Tensor]]], LP.ActivationCounter]:
+    """The dense reference (cached in ``folder``, computed there if missing), dense states and
+    the dense LAPE counts per window (recounted with the states when the reference is cached).
+    """
     dense = load_dense_reference(folder)
     if dense is None:
         log.info("computing the dense analysis reference (cached at %s)", folder)
         dense, states = compute_dense_reference(engine, text, pooling, key)
         save_dense_reference(dense, folder)
-    else:
-        log.info("dense analysis reference from cache %s", folder)
-        states = {lang: dense_window_states(engine, text.windows[lang]) for lang in text.languages}
-    return dense, states
+        return dense, states, dense.lape
+    log.info("dense analysis reference from cache %s", folder)
+    counter = LP.ActivationCounter(text.languages, len(engine.layers), engine.n_neurons,
+                                   per_window=True)
+    hooks = NeuronCounter(counter, engine.layout)
+    states = {}
+    with hooks.hooked(engine.layers):
+        for lang in text.languages:
+            with hooks.counting(lang):
+                states[lang] = dense_window_states(engine, text.windows[lang])
+    return dense, states, counter
 
 
 # ---- one run ---------------------------------------------------------------------------------
 
 
 def analyze_member(ctx: Context, member: RT.Member, masks_path: Path) -> dict[str, float]:
-    """Apply one run's masks to the dense model, measure, restore, and log it all to the run."""
+    """Put the run's evaluated weights into the dense model
+    (:func:`jobs.reprune.apply_run_weights`), measure, restore, and log it all to the run."""
     t0 = time.perf_counter()
     packed = load_packed(masks_path)
     ctx.snapshot.restore()
     try:
-        apply_masks(ctx.engine.model, packed)
+        weights = apply_run_weights(ctx, member, packed)
         raw = measure(ctx)
     finally:
         ctx.snapshot.restore()
     snr = S.snr_table(raw.snr_local, raw.snr_acc)
     lsar = lsar_frame(ctx, raw.pooled)
     lape, removed_all, pruned_scores = lape_frame(ctx, raw.lape, packed)
-    metrics = headline_metrics(snr, lsar, lape, removed_all)
+    metrics = {**headline_metrics(snr, lsar, lape, removed_all),
+               **interval_metrics(ctx, raw, packed)}
     metrics["time.analysis_s"] = time.perf_counter() - t0
-    log_member(ctx, member, snr, lsar, lape, raw.lape, pruned_scores, metrics)
+    log_member(ctx, member, snr, lsar, lape, raw.lape, pruned_scores, metrics, weights)
     return metrics
 
 
 def log_member(
     ctx: Context, member: RT.Member, snr: pd.DataFrame, lsar: pd.DataFrame, lape: pd.DataFrame,
     counts: LP.ActivationCounter, pruned_scores: Tensor, metrics: Mapping[str, float],
+    weights: str,
 ) -> None:
     """Step metrics, headline metrics, tables, LAPE counts and histogram; tag done last."""
     run = R.TrackedRun(member.run_id)
@@ -195,10 +210,10 @@ def log_member(
     if len(lsar):
         run.log_table(lsar, RT.LSAR_TABLE)
     run.log_table(lape, RT.LAPE_TABLE)
-    weights = "dense_x_mask" if member.method in WEIGHT_UPDATING else "exact"
     _log_lape_files(run, ctx, member, counts, pruned_scores)
     run.log_json(analysis_summary(ctx, member, weights, metrics), RT.ANALYSIS_SUMMARY)
     run.set_tags({"langprune.analysis.weights": weights,
+                  "langprune.analysis.lsar_source": ctx.text.lsar_source,
                   "langprune.analysis.dense_cache": ctx.dense.key, RT.TAG_ANALYSIS: "done"})
 
 

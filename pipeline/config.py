@@ -396,8 +396,9 @@ class SweepCfg:
 @dataclass(frozen=True)
 class AnalysisCfg:
     sweep_run: str = ""  # the sweep parent run to analyse/report; "" = the newest sweep
-    analysis_tokens: int = 1024  # FLORES tokens per language for SNR / LSAR / LAPE
+    analysis_tokens: int = 2048  # FLORES tokens per language for SNR / LSAR / LAPE (RESULTS.md 7)
     analysis_seq_len: int = 256  # window length for those passes
+    lsar_sentences: int = 0  # parallel LSAR prompts per language; 0 = what analysis_tokens reach
     lsar_pooling: str = "last"  # last | mean (docs/science.md#lsar: last-token by default)
     lape_top_rate: float = 0.01  # keep the lowest 1% LAPE
     lape_filter_quantile: float = 0.95  # activation-probability filter
@@ -406,6 +407,8 @@ class AnalysisCfg:
     def __post_init__(self) -> None:
         if self.analysis_tokens < 1 or self.analysis_seq_len < 2:
             raise LangpruneError("analysis_tokens must be >= 1 and analysis_seq_len >= 2")
+        if self.lsar_sentences < 0:
+            raise LangpruneError("lsar_sentences must be >= 0 (0: from analysis_tokens)")
         if self.lsar_pooling not in ("last", "mean"):
             raise LangpruneError(f"lsar_pooling must be last or mean, got {self.lsar_pooling!r}")
         if not 0 < self.lape_top_rate < 1 or not 0 < self.lape_filter_quantile < 1:

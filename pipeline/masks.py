@@ -102,6 +102,11 @@ def _payload_sha256(packed: Mapping[str, PackedMask]) -> str:
     return digest.hexdigest()
 
 
+def masks_sha256(masks: Mapping[str, Tensor | PackedMask]) -> str:
+    """The payload sha256 :func:`save_masks` would store (and return) for ``masks``."""
+    return _payload_sha256({name: _as_packed(m) for name, m in masks.items()})
+
+
 def save_masks(
     masks: Mapping[str, Tensor | PackedMask],
     path: str | os.PathLike[str],

@@ -326,6 +326,9 @@ class LayerPruner(ABC):
     needs_calibration: ClassVar[bool] = True
     #: The calibration statistic the method reads (what :meth:`make_statistic` builds).
     statistic: ClassVar[type[Statistic] | None] = None
+    #: True when the method also changes the weights it keeps (SparseGPT's reconstruction):
+    #: the pruned model is then not dense weights x mask, and analyses must re-prune.
+    updates_weights: ClassVar[bool] = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LayerPruner:

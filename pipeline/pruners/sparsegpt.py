@@ -327,6 +327,7 @@ class SparseGPTPruner(LayerPruner):
 
     name = "sparsegpt"
     statistic = Hessian
+    updates_weights = True
 
     def __init__(self, blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP,
                  factor: str = "auto"):

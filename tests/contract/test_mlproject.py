@@ -48,6 +48,7 @@ SAMPLE = {
     "sweep_run": "0123456789abcdef",
     "analysis_tokens": "512",
     "analysis_seq_len": "128",
+    "lsar_sentences": "24",
     "lsar_pooling": "mean",
     "lape_top_rate": "0.02",
     "lape_filter_quantile": "0.9",

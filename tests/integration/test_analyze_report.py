@@ -170,7 +170,7 @@ def test_headline_metrics_summarise_the_logged_tables(env):
     for member in _sweep(env).members:
         run = client.get_run(member.run_id)
         assert run.data.tags[RT.TAG_ANALYSIS] == "done"
-        assert run.data.tags["langprune.analysis.weights"] == "exact"
+        assert run.data.tags["langprune.analysis.weights"] == "dense x mask"
         m = run.data.metrics
         lsar = RT.read_csv_artifact(member.run_id, RT.LSAR_TABLE)
         assert sorted(set(lsar["eval_lang"])) == LANGS and len(lsar) == 3 * 4
@@ -181,6 +181,12 @@ def test_headline_metrics_summarise_the_logged_tables(env):
         lape = RT.read_csv_artifact(member.run_id, RT.LAPE_TABLE)
         assert list(lape["lang"]) == LANGS
         assert 0.3 < m["lape.removed.all"] < 0.7  # ~ the 50% sparsity of the FFN weights
+        for name in ("snr_acc.band.late.de", "snr_local.band.early", "lsar.rel.agnostic",
+                     "lsar.rel.specific.band.middle.sw"):
+            assert m[f"{name}.ci95_low"] <= m[name] <= m[f"{name}.ci95_high"], name
+        for lang in LANGS:
+            assert m[f"lape.removed.{lang}.ci95_low"] <= m[f"lape.removed.{lang}.ci95_high"]
+        assert run.data.tags["langprune.analysis.lsar_source"] == "flores"  # sw: no Belebele
         history = client.get_metric_history(member.run_id, f"snr_acc.{LANGS[0]}")
         assert sorted(h.step for h in history) == [0, 1, 2, 3]
 
@@ -229,6 +235,9 @@ def test_report_is_byte_identical_and_matches_the_store(env):
     intervals = pd.read_csv(first / "ppl_wanda_intervals.csv")
     assert (intervals["low"] <= intervals["value"]).all()
     assert (intervals["value"] <= intervals["high"]).all()
+    assert "is highest when calibrated on L in" in summary
+    assert "agnostic loss concentrated in middle-to-late layers:" in summary
+    assert "removed share of a language's specific neurons, own-language minus" in summary
     logged = {p.rsplit("/", 1)[1] for p in RT.list_artifacts(env["sweep"], "report")}
     assert set(names) <= logged
 
