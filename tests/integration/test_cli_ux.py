@@ -58,7 +58,7 @@ def test_each_command_help_shows_only_its_keys_and_its_defaults(capsys):
     sweep = _help("sweep", capsys)
     assert "sweep_langs=ar,de,en,es,ru,sw,zh" in sweep
     assert re.search(r"^  eval_tokens=1024 ", sweep, re.M)  # COMMAND_DEFAULTS of sweep
-    assert re.search(r"^  limit=4 ", sweep, re.M)
+    assert re.search(r"^  limit=50 ", sweep, re.M)  # the sweep budget (COMMAND_DEFAULTS)
     dense = _help("dense", capsys)
     assert "eval_tokens=2048" in dense and "calib_lang" not in dense and "method=" not in dense
     report = _help("report", capsys)
@@ -265,7 +265,7 @@ def test_dense_run_names_tell_evaluation_budgets_apart():
     assert P.run_name(cfg.replace(limit="2"), "dense") == "dense-gemma-3-270m-l2"
     assert P.run_name(small) == "wanda-0.5-en-set0"  # pruned names stay as documented
     assert P.run_tags(small, "pruned", "cpu", "main")[P.TAG_BUDGET] == "t1024-l4"
-    assert P.run_tags(cfg, "dense", "cpu", "dense")[P.TAG_BUDGET] == "t2048-l8"
+    assert P.run_tags(cfg, "dense", "cpu", "dense")[P.TAG_BUDGET] == "t2048-l50"  # defaults
 
 
 # ---- small ones -------------------------------------------------------------------------------
