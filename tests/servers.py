@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -111,16 +112,81 @@ def runs_table(server_url: str, exp_id: str, search: str, columns: list[str],
             page = browser.new_page(viewport={"width": 1600, "height": 700})
             page.goto(f"{server_url}/#/experiments/{exp_id}/runs?searchFilter={quote(search)}")
             page.get_by_role("row").nth(2).wait_for(timeout=60_000)
+            _close_assistant(page)
             page.get_by_role("button", name="Columns").click()
             for col in ["Dataset", "Source", "Models", *columns]:  # hide 3 defaults, add ours
                 page.get_by_placeholder("Search columns").fill(col)
                 item = page.get_by_role("menuitemcheckbox", name=col, exact=True)
-                (item if item.count() else page.get_by_text(col, exact=True).last).click()
+                if not item.count():  # MLflow 3's column tree: the title that is exactly col
+                    item = page.locator(".du-bois-light-tree-title").filter(
+                        has_text=re.compile(rf"^{re.escape(col)}$"))
+                (item if item.count() else page.get_by_text(col, exact=True)).last.click()
             page.keyboard.press("Escape")
             page.wait_for_timeout(1000)
             if screenshot is not None:
                 page.screenshot(path=str(screenshot))
             return page.get_by_role("row").all_inner_texts()
+        finally:
+            browser.close()
+
+
+def _close_assistant(page) -> None:
+    """Close MLflow's assistant side panel (its *Close* button) if it is open."""
+    close = page.get_by_role("button", name="Close", exact=True)
+    if close.count():
+        close.first.click()
+        page.wait_for_timeout(500)
+
+
+def compare_metrics(compare_url: str, params: list[str], metrics: list[str],
+                    screenshot: Path | None = None) -> str:
+    """Open the compare-runs page with its parallel-coordinates plot set to ``params`` and
+    ``metrics`` (one line per run through its values), the assistant panel closed; return the
+    page's text.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(compare_url)
+            page.get_by_text("Run details").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            _close_assistant(page)
+            page.get_by_test_id("clear-button").click()
+            boxes = page.get_by_role("combobox")
+            for i, keys in enumerate((params, metrics)):
+                for key in keys:
+                    boxes.nth(i).click()
+                    boxes.nth(i).fill(key)
+                    page.locator(f".du-bois-light-select-item-option[title='{key}']").click()
+                page.keyboard.press("Escape")
+            page.mouse.click(5, 5)
+            page.wait_for_timeout(1500)
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot))
+            return page.inner_text("body")
+        finally:
+            browser.close()
+
+
+def page_screenshot(url: str, screenshot: Path, width: int = 1400, height: int = 900,
+                    wait_for: str | None = None) -> str:
+    """Render ``url`` (e.g. a ``file://`` report) in headless Chromium, save the visible
+    ``width`` x ``height`` screenshot and return the page's text."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            if wait_for:
+                page.get_by_text(wait_for).first.wait_for(timeout=60_000)
+            page.wait_for_load_state("load")
+            page.screenshot(path=str(screenshot))
+            return page.inner_text("body")
         finally:
             browser.close()
 
