@@ -93,7 +93,7 @@ class NeuronCounter:
             self._lang = before
 
     @contextmanager
-    def hooked(self, layers: Sequence[nn.Module]) -> Iterator[None]:
+    def hooked(self, layers: Sequence[nn.Module] | nn.ModuleList) -> Iterator[None]:
         """Hooks on every layer's probe module for the block; always removed."""
         handles = []
         try:

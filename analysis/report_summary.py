@@ -198,7 +198,9 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
 
 
 def _snr_items(inputs: ReportInputs) -> list[str]:
-    items = []
+    items: list[str] = []
+    if inputs.snr is None:
+        return items
     for m in sorted(set(inputs.snr["method"])):
         final = {c: v[-1] for c, v in snr_layer_series(inputs.snr, m, "accumulated").items() if v}
         if not final:
@@ -273,10 +275,23 @@ def render_markdown(blocks: Sequence[Block], existing: set[str]) -> str:
         elif kind == "p":
             out.append(f"{body}\n")
         elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in body) + "\n")  # type: ignore[union-attr]
-        elif kind == "img" and body[1] in existing:  # type: ignore[index]
-            out.append(f"![{body[0]}]({body[1]})\n")  # type: ignore[index]
+            out.append("\n".join(f"- {item}" for item in _items(body)) + "\n")
+        elif kind == "img" and _image(body)[1] in existing:
+            alt, src = _image(body)
+            out.append(f"![{alt}]({src})\n")
     return "\n".join(out)
+
+
+def _items(body: object) -> list[str]:
+    """A ``ul`` block's bullet texts."""
+    return [str(item) for item in body] if isinstance(body, (list, tuple)) else [str(body)]
+
+
+def _image(body: object) -> tuple[str, str]:
+    """An ``img`` block's ``(alt, file)``."""
+    if not (isinstance(body, tuple) and len(body) == 2):
+        raise TypeError(f"an img block needs (alt, file), got {body!r}")
+    return str(body[0]), str(body[1])
 
 
 def render_html(blocks: Sequence[Block], existing: set[str], title: str) -> str:
@@ -288,10 +303,10 @@ def render_html(blocks: Sequence[Block], existing: set[str], title: str) -> str:
         if kind in ("h1", "h2", "p"):
             out.append(f"<{kind}>{esc(str(body))}</{kind}>")
         elif kind == "ul":
-            items = "".join(f"<li>{esc(i)}</li>" for i in body)  # type: ignore[union-attr]
+            items = "".join(f"<li>{esc(i)}</li>" for i in _items(body))
             out.append(f"<ul>{items}</ul>")
-        elif kind == "img" and body[1] in existing:  # type: ignore[index]
-            alt, src = body  # type: ignore[misc]
+        elif kind == "img" and _image(body)[1] in existing:
+            alt, src = _image(body)
             out.append(f"<p><img src=\"{esc(src)}\" alt=\"{esc(alt)}\"></p>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -22,14 +22,14 @@ import jobs.analyze as A
 from analysis import report as AR
 from analysis import text as T
 from analysis.snr import snr_db
+from jobs.report import run_report
+from jobs.sweep import run_sweep
 from pipeline.config import Config
 from pipeline.errors import LangpruneError
-from jobs.sweep import run_sweep
 from pipeline.masks import apply_masks, load_masks
 from pipeline.models import decoder_layers
 from tests.tiny import tiny_model
 from tracking import runs_table as RT
-from jobs.report import run_report
 
 LANGS = ["de", "en", "sw"]
 OVERRIDES = {
