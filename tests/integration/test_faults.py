@@ -264,7 +264,8 @@ def test_tracking_server_outage_loses_nothing(mlflow_server, tiny_model_dir, tmp
     artifacts = _all_artifacts(client, run_id)
     assert artifacts == {"config.yaml", "calibration/manifest.json", "masks/masks.safetensors",
                          "tables/sparsity_modules.csv", "tables/sparsity_layers.csv",
-                         "eval/perplexity.json", "plots/ppl_vs_dense.png"}
+                         "eval/perplexity.json", "eval/ppl_windows.parquet",  # per window
+                         "plots/ppl_vs_dense.png"}
     local = client.download_artifacts(run_id, "masks/masks.safetensors", str(tmp_path))
     assert len(load_masks(local)) == 14  # checksum verified: 2 layers x 7 linears
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
