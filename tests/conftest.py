@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import MlflowServer, PostgresCluster, postgres_bin
+from tests.stores import use_store
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +37,7 @@ def store(tmp_path, monkeypatch, _empty_mlflow_db):
                     (str(tmp_path / "mlruns" / "0"),))
     con.close()
     uri = f"sqlite:///{db}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("LANGPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
+    use_store(monkeypatch, tmp_path, uri)
     yield MlflowClient(uri)
     mlflow.set_tracking_uri(None)
 

@@ -130,3 +130,12 @@ def prune_layerwise(model, windows, method, target, *, sparsegpt_blocksize=128,
     pruner = method if isinstance(method, LayerPruner) else make_pruner(
         method, sparsegpt_blocksize=sparsegpt_blocksize, sparsegpt_percdamp=sparsegpt_percdamp)
     return engine_prune(model, windows, pruner, target, **kwargs)
+
+
+def save_tiny_gemma(folder) -> None:
+    """A tiny Gemma 3 (:func:`tiny_model`) with ByT5's byte tokenizer saved as a local HF
+    folder; the vocabulary of 300 covers the byte ids."""
+    from transformers import ByT5Tokenizer
+
+    tiny_model("gemma3").save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)

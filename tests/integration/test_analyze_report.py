@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,7 +27,7 @@ from pipeline.config import Config
 from pipeline.errors import LangpruneError
 from pipeline.masks import apply_masks, load_masks
 from pipeline.models import decoder_layers
-from tests.tiny import tiny_model
+from tests.stores import tiny_gemma_store
 from tracking import runs_table as RT
 
 LANGS = ["de", "en", "sw"]
@@ -43,20 +42,8 @@ OVERRIDES = {
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny Gemma 3 folder, a SQLite store, a cache folder; the sweep run and analysed."""
-    from transformers import ByT5Tokenizer
-
     root = tmp_path_factory.mktemp("analyze")
-    model_dir = root / "tiny-gemma3"
-    tiny_model("gemma3").save_pretrained(model_dir)  # vocab 300 covers ByT5's byte ids
-    ByT5Tokenizer().save_pretrained(model_dir)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("LANGPRUNE_CACHE", str(root / "cache"))
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with tiny_gemma_store(root) as (mp, model_dir, uri):
         cfg = Config.from_overrides({**OVERRIDES, "model": str(model_dir)})
         calls = []
         original = A.compute_dense_reference
@@ -66,7 +53,6 @@ def env(tmp_path_factory):
         A.run_analyze(cfg)
         yield {"root": root, "cfg": cfg, "sweep": sweep_id, "client": MlflowClient(uri),
                "model_dir": model_dir, "dense_calls": calls}
-        mlflow.set_tracking_uri(None)
 
 
 def _sweep(env) -> RT.Sweep:

@@ -7,7 +7,6 @@ dense x mask model's, and a mask that the re-prune does not reproduce must be re
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -21,7 +20,7 @@ from pipeline.config import Config
 from pipeline.errors import LangpruneError
 from pipeline.masks import apply_masks, load_packed, save_masks
 from tests.integration.test_analyze_report import _layer_outputs
-from tests.tiny import tiny_model
+from tests.stores import tiny_gemma_store
 from tracking import runs_table as RT
 
 LANGS = ["de", "en"]
@@ -35,26 +34,13 @@ OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from transformers import ByT5Tokenizer
-
     root = tmp_path_factory.mktemp("sparsegpt")
-    model_dir = root / "tiny-gemma3"
-    tiny_model("gemma3").save_pretrained(model_dir)
-    ByT5Tokenizer().save_pretrained(model_dir)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("LANGPRUNE_CACHE", str(root / "cache"))
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        mp.chdir(root)
-        mlflow.set_tracking_uri(uri)
+    with tiny_gemma_store(root) as (_, model_dir, uri):
         cfg = Config.from_overrides({**OVERRIDES, "model": str(model_dir)})
         sweep_id = run_sweep(cfg)
         A.run_analyze(cfg)
         yield {"root": root, "cfg": cfg, "sweep": sweep_id, "client": MlflowClient(uri),
                "model_dir": model_dir}
-        mlflow.set_tracking_uri(None)
 
 
 def _windows(model_dir) -> torch.Tensor:
