@@ -90,6 +90,8 @@ class PruneOutcome:
 
     Attributes:
         weight: The pruned (for SparseGPT also updated) weight, same shape and dtype as the input.
+            The driver may adopt this tensor as the layer's weight instead of copying it, so a
+            pruner hands over a tensor it does not use afterwards.
         mask: Bool tensor of the weight's shape, True where a weight was pruned.
         loss: SparseGPT's reconstruction loss (sum of w^2 / (2 [H^-1]_cc) terms); None otherwise.
         damp_retries: How often the damping had to be raised before Cholesky succeeded.
