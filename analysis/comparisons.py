@@ -6,9 +6,9 @@ is compared with every other row on the units both were evaluated on: task docum
 (aligned by ``task, lang, doc_id``) or perplexity windows (``lang, window``). Documents or
 windows only one side has are dropped and counted, never mixed in.
 
-One calibration set per row: tasks use :func:`analysis.stats.paired_accuracy` (Newcombe's
-interval), perplexity :func:`analysis.stats.paired_perplexity` (ratio, paired bootstrap).
-Rows with several calibration sets use :func:`analysis.stats.cluster_paired_bootstrap` over
+One calibration set per row: tasks use :func:`analysis.paired.paired_accuracy` (Newcombe's
+interval), perplexity :func:`analysis.paired.paired_perplexity` (ratio, paired bootstrap).
+Rows with several calibration sets use :func:`analysis.paired.cluster_paired_bootstrap` over
 [set, unit] matrices (sets paired by index; rows whose set indices differ are averaged over
 their sets first and bootstrapped over units only). Perplexity from that bootstrap is the
 exponential of the mean per-token NLL of a window, and its comparison a ratio likewise.
@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from analysis import paired as P
 from analysis import stats as S
 from pipeline.errors import LangpruneError
 
@@ -105,7 +106,7 @@ def _common(frames: Sequence[pd.DataFrame], keys: list[str]) -> tuple[list[pd.Da
     """Every frame restricted to the units all share (same order), and how many were dropped."""
     first = frames[0]
     for other in frames[1:]:  # validates keys and duplicates; narrows to the shared units
-        first = S.align_documents(first, other, keys, mode="common").a
+        first = P.align_documents(first, other, keys, mode="common").a
     index = pd.MultiIndex.from_frame(first[keys])
     union = pd.MultiIndex.from_frame(pd.concat([f[keys] for f in frames]).drop_duplicates())
     out = [f[pd.MultiIndex.from_frame(f[keys]).isin(index)].sort_values(keys, kind="stable")
@@ -129,7 +130,7 @@ def _as_score(c: S.Comparison, metric: str) -> S.Comparison:
 
 def _mean_interval(matrix: np.ndarray, metric: str, sets: bool) -> S.Interval:
     """The mean over [set, unit] cells with its two-level (or unit-only) bootstrap interval."""
-    c = S.cluster_paired_bootstrap(matrix, np.zeros_like(matrix), higher_is_better=True,
+    c = P.cluster_paired_bootstrap(matrix, np.zeros_like(matrix), higher_is_better=True,
                                    resample_sets=sets)
     c = _as_score(c, metric)
     return S.Interval(c.estimate, c.low, c.high, c.confidence, c.method, c.n)
@@ -162,12 +163,12 @@ def point(frames: Frames, metric: str) -> float:
 
 
 def _paired_single(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Paired:
-    al = S.align_documents(a, b, _keys(metric), mode="common")
+    al = P.align_documents(a, b, _keys(metric), mode="common")
     dropped = al.dropped_a + al.dropped_b
     if metric == "ppl":
-        pp = S.paired_perplexity(al.a["nll_sum"], al.b["nll_sum"], al.a["n_tokens"])
+        pp = P.paired_perplexity(al.a["nll_sum"], al.b["nll_sum"], al.a["n_tokens"])
         return Paired(pp.ppl_a, pp.ppl_b, pp.ratio, al.n_common, dropped)
-    pa = S.paired_accuracy(al.a["correct"].astype(bool), al.b["correct"].astype(bool))
+    pa = P.paired_accuracy(al.a["correct"].astype(bool), al.b["correct"].astype(bool))
     return Paired(single_interval(al.a, metric), single_interval(al.b, metric), pa.difference,
                   al.n_common, dropped)
 
@@ -189,7 +190,7 @@ def compare(a: Frames, b: Frames, metric: str) -> Paired:
     ma, mb = scores[:len(keys_a)], scores[len(keys_a):]
     if not paired_sets:  # sets not paired by index: compare set averages, units resampled
         ma, mb = ma.mean(axis=0, keepdims=True), mb.mean(axis=0, keepdims=True)
-    c = S.cluster_paired_bootstrap(ma, mb, higher_is_better=metric != "ppl",
+    c = P.cluster_paired_bootstrap(ma, mb, higher_is_better=metric != "ppl",
                                    resample_sets=paired_sets)
     if not paired_sets:
         c = replace(c, n_sets=max(len(a), len(b)))

@@ -111,7 +111,7 @@ def _sentence_batch(
 def belebele_passages(languages: Sequence[str]) -> dict[str, list[str]] | None:
     """The bundled Belebele passages of every language, aligned (sorted by link), or None
     when some language has no bundled Belebele file."""
-    from pipeline.data.sources import bundled_path, read_jsonl
+    from pipeline.data.documents import bundled_path, read_jsonl
 
     paths = {lang: bundled_path("belebele", lang) for lang in languages}
     if not all(p.exists() for p in paths.values()):

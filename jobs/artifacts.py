@@ -21,13 +21,14 @@ from tracking.runs import TrackedRun
 
 def dataset_source(name: str) -> str:
     """Where a text source's data lives: the bundled folder, or the hub dataset's page."""
-    from pipeline.data import sources as S
+    from pipeline.data import hub_sources as H
+    from pipeline.data.documents import DATASET_DIRS
     from pipeline.paths import data_dir
 
-    hub = {"mc4": S.MC4_ID, "flores_hub": S.FLORES_PLUS_ID, "belebele_hub": S.BELEBELE_ID}
+    hub = {"mc4": H.MC4_ID, "flores_hub": H.FLORES_PLUS_ID, "belebele_hub": H.BELEBELE_ID}
     if name in hub:
         return f"https://huggingface.co/datasets/{hub[name]}"
-    return str(data_dir() / S.DATASET_DIRS[name])
+    return str(data_dir() / DATASET_DIRS[name])
 
 
 def eval_frame(cfg: Config) -> pd.DataFrame:

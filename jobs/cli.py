@@ -183,7 +183,8 @@ def check_command(command: str, cfg: Config) -> None:
     if 0 in sparsities and cfg.prune.pattern == "unstructured":
         raise LangpruneError(
             "sparsity=0 prunes nothing; use `dense` for the unpruned baseline")
-    from pipeline.data.sources import CALIBRATION, get_source
+    from pipeline.data.documents import CALIBRATION
+    from pipeline.data.sources import get_source
 
     get_source(cfg.calib.calib_source, role=CALIBRATION)
 

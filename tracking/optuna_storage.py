@@ -18,18 +18,19 @@ is elected per count, :func:`_enqueue_slots`). The study records the config it w
 and refuses a different one (:func:`_check_study_config`).
 
 A killed worker's running trial is failed at once by the next worker started on the same host
-(:func:`fail_orphaned_trials`), from other hosts by Optuna's heartbeat after :data:`GRACE_S`.
-The sampler is TPE, seeded per trial from ``seed`` and the number of trials started so far
-(plus the pid when other workers are active), so a resumed study does not replay its first
-trials and concurrent workers do not duplicate each other (:func:`seeded_sampler`). When the
-study is complete, one worker is elected to run what follows (:func:`claim_verdict`).
+(:func:`tracking.optuna_workers.fail_orphaned_trials`, run by :func:`open_study`), from other
+hosts by Optuna's heartbeat after :data:`GRACE_S`. The sampler is TPE, seeded per trial from
+``seed`` and the number of trials started so far (plus the pid when other workers are active),
+so a resumed study does not replay its first trials and concurrent workers do not duplicate
+each other (:func:`seeded_sampler`). When the study is complete, one worker is elected to run
+what follows (:func:`tracking.optuna_workers.claim_verdict`). The bookkeeping of a worker's
+own trials lives in :mod:`tracking.optuna_workers`.
 
-Optuna's private API is used in three places, each because the public one cannot do it
+Optuna's private API is used here in two places, each because the public one cannot do it
 (optuna is pinned; the scale-out test, ``tests/e2e/test_scale_out.py``, exercises them):
 ``RDBStorage._create_new_trial`` (:class:`SlotStorage`); ``Study._storage``, to create the
-side studies that elect one worker in the storage already open (:func:`_enqueue_slots`,
-:func:`claim_verdict`); ``FrozenTrial._trial_id``, to set a user attr on another worker's
-trial (:func:`fail_orphaned_trials`).
+side study that elects one worker in the storage already open (:func:`_enqueue_slots`; the
+verdict's election does the same, :mod:`tracking.optuna_workers`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +50,7 @@ from optuna.trial import TrialState
 
 from pipeline.errors import LangpruneError
 from tracking import optuna_mlflow as OM
-from tracking import runs as R
+from tracking.optuna_workers import fail_orphaned_trials
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,8 @@ HEARTBEAT_S = 60  # a running trial writes a heartbeat this often ...
 GRACE_S = 180  # ... and is failed as stale by the next worker after this long without one
 STORAGE_ATTEMPTS = 4  # tries to open the storage (schema creation races between workers)
 ENQUEUE_WAIT_S = 30.0  # how long a joining worker waits for the creator without progress
-WORKER_ATTR = "worker"  # trial user attr: host:pid of the worker running it
 CONFIG_ATTR = "langprune_config"  # study user attr: the config the study was created with
 SLOTS_ATTR = "langprune_slots"  # study user attr: trials enqueued (set after enqueuing them)
-VERDICT_ATTR = "langprune_verdict"  # study user attr: host:pid:claim_ms of the verdict's worker
 # Trials that count towards n_trials: everything started (WAITING = enqueued, not started).
 _STARTED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
@@ -325,85 +323,3 @@ def seeded_sampler(seed: int, study: optuna.Study) -> optuna.samplers.BaseSample
     key = f"{seed}:{started}:{os.getpid() if others else 0}"
     return optuna.samplers.TPESampler(
         seed=int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little"))
-
-
-# ---- workers -----------------------------------------------------------------------------------
-
-
-def record_worker(trial: optuna.Trial) -> None:
-    """Record this process (``host:pid``) on its trial: first thing a trial does, so a
-    restarted worker fails the trial at once if this process dies."""
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-
-
-def fail_orphaned_trials(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose worker on this host is gone; returns their numbers.
-
-    A worker killed with SIGKILL (or by the OOM killer) cannot fail its own trial. Optuna's
-    heartbeat fails it only after :data:`GRACE_S` and only from inside ``optimize``; until then
-    the trial counts as started and blocks the verdict. A trial records its worker
-    (``host:pid``, :func:`record_worker`) first thing, so a restarted worker on the same host
-    fails it at once (a recycled pid is told apart by the process start time). Trials of other
-    hosts are left to the heartbeat. The trial's MLflow run was already ended FAILED by the
-    stale-run reaper.
-    """
-    host = socket.gethostname()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner, _, pid = str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
-        if owner != host or not pid.isdigit() or t.datetime_start is None:
-            continue
-        if R.pid_alive(int(pid), t.datetime_start.timestamp() * 1000):
-            continue
-        try:
-            # Trial(study, id) is Optuna's handle on a stored trial (FrozenTrial has no setter);
-            # it needs the storage's trial id, which FrozenTrial keeps private (_trial_id)
-            optuna.Trial(study, t._trial_id).set_user_attr(
-                OM.FAIL_ATTR, f"WorkerDied: worker {owner}:{pid} died during the trial")
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        except (ValueError, RuntimeError) as e:  # another restarted worker was quicker
-            log.info("trial %d was already finished: %s", t.number, e)
-            continue
-        failed.append(t.number)
-        _mark_trial_run(study.trials[t.number])
-        log.warning("trial %d of %s failed: its worker %s:%s died", t.number,
-                    study.study_name, owner, pid)
-    return failed
-
-
-def _mark_trial_run(frozen: optuna.trial.FrozenTrial) -> None:
-    """Record the failed state on the trial's run; end it FAILED if nobody did yet."""
-    run_id = frozen.user_attrs.get(OM.RUN_ID_ATTR)
-    if not run_id:
-        return
-    run = R.TrackedRun(run_id)
-    if run.client.get_run(run_id).info.status == "RUNNING":
-        OM.end_trial_run(run, frozen)
-    else:
-        run.set_tags({OM.TAG_OPTUNA_STATE: frozen.state.name})
-
-
-def claim_verdict(study: optuna.Study) -> bool:
-    """Elect the one worker that runs the verdict of a complete study.
-
-    Creating a study is atomic (unique name), so the worker that creates the side study
-    ``<name>--verdict`` wins; the others skip the verdict. The winner records itself as
-    ``host:pid:claim time`` in the study; a worker restarted on the same host takes over when that
-    process is gone and the parent has no verdict yet (a killed verdict is re-run).
-    """
-    storage = study._storage  # private: creates the side study only (see _enqueue_slots)
-    side = f"{study.study_name}--verdict"
-    me = f"{socket.gethostname()}:{os.getpid()}:{time.time() * 1000:.0f}"
-    try:
-        storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], side)
-    except optuna.exceptions.DuplicatedStudyError:
-        owner = str(study.user_attrs.get(VERDICT_ATTR, ""))
-        host, _, rest = owner.partition(":")
-        pid, _, start = rest.partition(":")
-        gone = (host == socket.gethostname() and pid.isdigit()
-                and not R.pid_alive(int(pid), float(start or 0)))
-        if not gone:
-            return False
-        log.info("the verdict's worker %s is gone; taking over", owner)
-    study.set_user_attr(VERDICT_ATTR, me)
-    return True

@@ -1,7 +1,7 @@
 """Optuna search for a calibration blend that beats target-only calibration
 (``docs/science.md#blend-search``). Optuna is imported only by this package and by
-:mod:`tracking.optuna_storage` (storage, workers) and :mod:`tracking.optuna_mlflow` (trials as
-MLflow runs).
+:mod:`tracking.optuna_storage` (storage, slots), :mod:`tracking.optuna_workers` (workers'
+trials) and :mod:`tracking.optuna_mlflow` (trials as MLflow runs).
 
 The search's documentation is split over its parts:
 
@@ -12,8 +12,9 @@ The search's documentation is split over its parts:
 - :mod:`jobs.search.verdict`: the paired re-runs that answer the question;
 - :mod:`jobs.search.job`: the entry point :func:`run_search`, studies, resume, the MLflow
   parent run;
-- :mod:`tracking.optuna_storage`: several workers on one study (slots, elections, orphaned
-  trials, seeding).
+- :mod:`tracking.optuna_storage`: several workers on one study (slots, elections, seeding);
+- :mod:`tracking.optuna_workers`: a worker's own trials (its record, orphaned trials, the
+  verdict's election).
 """
 
 from __future__ import annotations
@@ -52,17 +53,14 @@ from tracking.optuna_storage import (
     GRACE_S,
     HEARTBEAT_S,
     SLOTS_ATTR,
-    VERDICT_ATTR,
-    WORKER_ATTR,
     NoSlotLeft,
     SlotStorage,
-    claim_verdict,
-    fail_orphaned_trials,
     safe_url,
     started_trials,
     storage_url,
     study_complete,
 )
+from tracking.optuna_workers import VERDICT_ATTR, WORKER_ATTR, claim_verdict, fail_orphaned_trials
 
 __all__ = [
     "CONFIDENCE", "GRACE_S", "HEARTBEAT_S", "PARAM_PREFIX", "SLOTS_ATTR", "VERDICT_ATTR",

@@ -3,7 +3,7 @@
 The per-set objective values give a t-interval over calibration sets only; for a task
 objective each verdict run also logged which documents it got right
 (``eval/task_docs.parquet``), so blend and target-only are compared on the same documents of
-every set with the two-level bootstrap of :func:`analysis.stats.cluster_paired_bootstrap`:
+every set with the two-level bootstrap of :func:`analysis.paired.cluster_paired_bootstrap`:
 documents vary as well as calibration sets (docs/statistics.md).
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.stats import Comparison, cluster_paired_bootstrap
+from analysis.paired import cluster_paired_bootstrap
+from analysis.stats import Comparison
 from pipeline.config import OBJECTIVES_LOWER
 from tracking import runs_table as RT
 from tracking.logging import TASK_DOCS_ARTIFACT

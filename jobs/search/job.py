@@ -7,7 +7,7 @@ the verdict when the study is complete, print the result.
 *total* number of trials the study should have started (running, complete, failed): a
 restarted worker runs only the missing ones, several workers stop together when the study
 reaches it. How workers share a study exactly (slots, elections, orphaned trials, seeding) is
-:mod:`tracking.optuna_storage`'s part.
+the part of :mod:`tracking.optuna_storage` and :mod:`tracking.optuna_workers`.
 
 All trial runs of all workers are children of one MLflow parent run. The study's creator
 creates it (under ``mlflow run`` it adopts the run MLflow created) before it enqueues the slots
@@ -36,6 +36,7 @@ from pipeline.models import DenseSnapshot
 from pipeline.pruners import PRUNERS
 from tracking import optuna_mlflow as OM
 from tracking import optuna_storage as OS
+from tracking import optuna_workers as OW
 from tracking import params as P
 from tracking import runs as R
 
@@ -218,7 +219,7 @@ def _search_body(ctx: _Search, study: optuna.Study,
         log.info("other workers still run trials of %s; the last to finish runs the verdict",
                  ctx.study_name)
         return ran, None
-    if not OS.claim_verdict(study):
+    if not OW.claim_verdict(study):
         log.info("another worker runs the verdict of %s", ctx.study_name)
         return ran, None
     if ctx.loaded is None:

@@ -59,6 +59,7 @@ from pipeline.models import DenseSnapshot
 from pipeline.pruners import SparsityTarget, pruner_from_config, target_from_config
 from tracking import optuna_mlflow as OM
 from tracking import optuna_storage as OS
+from tracking import optuna_workers as OW
 from tracking import params as P
 from tracking import runs as R
 from tracking.logging import log_records
@@ -106,7 +107,7 @@ def _objective_fn(ctx: _Search) -> Callable[[optuna.Trial], float]:
 
     def objective(trial: optuna.Trial) -> float:
         ctx.current_trial = trial.number
-        OS.record_worker(trial)  # first: a restarted worker fails it if this process dies
+        OW.record_worker(trial)  # first: a restarted worker fails it if this process dies
         point = suggest_blend(trial, ctx.pool, n)
         trial.set_user_attr(OM.BLEND_ATTR, point.label)
         trial.set_user_attr(OM.TARGET_ONLY_ATTR, point.is_only(ctx.objective.target))

@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import CalibCfg
-from pipeline.data.sources import CALIBRATION, SOURCES, check_available, get_source, load_documents
+from pipeline.data.documents import CALIBRATION
+from pipeline.data.sources import SOURCES, check_available, get_source, load_documents
 from pipeline.errors import LangpruneError
 from pipeline.paths import data_dir
 

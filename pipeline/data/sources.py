@@ -1,83 +1,58 @@
 """Text sources behind one interface: ``load_documents(source, lang) -> list[Document]``.
 
-Bundled sources read the gzip'd JSONL copies under ``data/`` (see ``data/README.md``); hub
-sources call ``datasets.load_dataset`` and exist for users with network access. Roles never
-overlap: calibration text (NTREX-128 by default; WMT news, TICO-19, TyDi QA passages, mC4)
-is disjoint from evaluation text (FLORES-200 devtest), which is what perplexity, LSAR and
-LAPE read.
+The registry of every text source, the public loading API and the bundled sources, which
+read the gzip'd JSONL copies under ``data/`` (see ``data/README.md``). Hub sources call
+``datasets.load_dataset`` and exist for users with network access
+(:mod:`pipeline.data.hub_sources`). Roles never overlap: calibration text (NTREX-128 by
+default; WMT news, TICO-19, TyDi QA passages, mC4) is disjoint from evaluation text
+(FLORES-200 devtest), which is what perplexity, LSAR and LAPE read. The interface's
+:class:`Document` and :data:`SENTENCE_JOIN` are defined in :mod:`pipeline.data.documents`
+and importable from here.
 
 Sample YAML::
 
     calib_source: ntrex      # ntrex | wmt | tico19 | tydiqa | mc4 (hub)
     eval_source: flores      # flores | flores_hub | belebele_hub (hub)
 
-Hub sources fail fast offline: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` or an endpoint
-that does not answer within :data:`HUB_TIMEOUT_S` seconds gives a one-line
-:class:`~pipeline.errors.LangpruneError` before ``datasets`` is even imported.
+Hub sources fail fast offline, before ``datasets`` is even imported
+(:mod:`pipeline.data.hub_sources`).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
-import os
-import threading
-import urllib.error
-import urllib.request
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.documents import (
+    CALIBRATION,
+    EVAL,
+    Document,
+    _field,
+    _group,
+    _texts,
+    bundled_path,
+    read_jsonl,
+)
+from pipeline.data.documents import SENTENCE_JOIN as SENTENCE_JOIN  # re-export: the interface
+from pipeline.data.hub_sources import (
+    _HUB_CONFIG_KEY,
+    BELEBELE_ID,
+    FLORES_PLUS_ID,
+    MC4_ID,
+    _belebele_passages,
+    _belebele_sentences,
+    _flores_hub_documents,
+    _flores_hub_sentences,
+    _mc4,
+)
 from pipeline.data.languages import Language, get_language
 from pipeline.errors import LangpruneError
-from pipeline.paths import data_dir
 from pipeline.registry import Registry, suggest
 
 log = logging.getLogger(__name__)
-
-CALIBRATION = "calibration"
-EVAL = "eval"
-SENTENCE_JOIN = "\n"  # sentences of one document are joined with a newline
-
-# Bundled name -> folder under data/ (files are <folder>/<lang>.jsonl.gz). Task data is
-# listed too so the evaluation code finds its files the same way.
-DATASET_DIRS = {
-    "ntrex": "ntrex128",
-    "wmt": "wmt_news",
-    "tico19": "tico19_test",
-    "tydiqa": "tydiqa_goldp_dev_contexts",
-    "flores": "flores200_devtest",
-    "sib200": "sib200",
-    "xnli": "xnli_dev",
-    "belebele": "belebele",
-}
-MC4_ID = "allenai/c4"  # mC4 3.1.0 lives in allenai/c4 with one config per language
-FLORES_PLUS_ID = "openlanguagedata/flores_plus"  # gated: accept its terms on the hub first
-BELEBELE_ID = "facebook/belebele"
-# The first MC4_MAX_DOCUMENTS documents of the train split in file order (deterministic);
-# about 2-4M tokens per language, enough for 3 sets x 128 windows x 2048 tokens.
-MC4_MAX_DOCUMENTS = 5000
-HUB_TIMEOUT_S = 5.0  # reachability check before any hub call, so offline fails in seconds
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document of running text.
-
-    Attributes:
-        doc_id: identifier within its source (news document id, TICO-19 source document,
-            TyDi QA passage id, FLORES article URL, ...).
-        text: the document's text; sentences joined with ``\\n`` where the source is
-            sentence-split.
-    """
-
-    doc_id: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -196,86 +171,7 @@ def load_eval_sentences(source: str, lang: str) -> list[str]:
     return sentences
 
 
-def bundled_path(name: str, lang: str) -> Path:
-    """Path of a bundled file: ``<data_dir>/<folder>/<lang>.jsonl.gz`` (or plain ``.jsonl``).
-
-    Args:
-        name: a bundled name (key of :data:`DATASET_DIRS`, e.g. ``ntrex`` or ``xnli``) or a
-            folder name under ``data/``.
-        lang: language code.
-    """
-    base = data_dir() / DATASET_DIRS.get(name, name)
-    gz = base / f"{lang}.jsonl.gz"
-    plain = base / f"{lang}.jsonl"
-    return plain if not gz.exists() and plain.exists() else gz
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a (gzip'd) JSONL file into records.
-
-    Raises:
-        LangpruneError: naming the file when it is missing, not gzip, truncated, not UTF-8,
-            has a line that is not a JSON object, or has no records.
-    """
-    opener = gzip.open if path.suffix == ".gz" else open
-    records: list[dict[str, Any]] = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    records.append(_parse_line(line, path, lineno))
-    except FileNotFoundError:
-        raise LangpruneError(
-            f"bundled data file {path} is missing (data folder {data_dir()}; set"
-            " LANGPRUNE_DATA to move it)"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise LangpruneError(
-            f"{path} is not valid UTF-8 text (byte {e.start}: {e.reason})"
-        ) from None
-    except (OSError, EOFError, zlib.error) as e:
-        raise LangpruneError(f"cannot read {path}: corrupt or truncated file ({e})") from None
-    if not records:
-        raise LangpruneError(f"{path} is empty: no records")
-    return records
-
-
 # ---- bundled sources ----------------------------------------------------------------------
-def _parse_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise LangpruneError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(rec, dict):
-        raise LangpruneError(f"{path}, line {lineno}: expected a JSON object")
-    return rec
-
-
-def _field(rec: dict[str, Any], name: str, path: Path, lineno: int) -> str:
-    value = rec.get(name)
-    if not isinstance(value, str):
-        raise LangpruneError(f"{path}, record {lineno}: field {name!r} missing or not text")
-    return value
-
-
-def _texts(records: list[dict[str, Any]], name: str, path: Path) -> list[str]:
-    """The ``name`` field of every record; empty records are an error only if all are empty."""
-    texts = [_field(r, name, path, i) for i, r in enumerate(records, 1)]
-    if not any(t.strip() for t in texts):
-        raise LangpruneError(f"{path}: no text (all {len(texts)} {name!r} fields are empty)")
-    return texts
-
-
-def _group(keys: Iterable[str], texts: list[str]) -> list[Document]:
-    """Join the non-empty texts of each key, keeping first-appearance order of keys."""
-    grouped: dict[str, list[str]] = {}
-    for key, text in zip(keys, texts, strict=True):
-        grouped.setdefault(key, [])
-        if text.strip():
-            grouped[key].append(text.strip())
-    return [Document(k, SENTENCE_JOIN.join(v)) for k, v in grouped.items() if v]
-
-
 def _ntrex(lang: Language) -> list[Document]:
     path = bundled_path("ntrex", lang.code)
     records = read_jsonl(path)
@@ -332,110 +228,6 @@ def _flores_documents(lang: Language) -> list[Document]:
 
 def _flores_sentences(lang: Language) -> list[str]:
     return [t.strip() for t in _flores_records(lang)[1] if t.strip()]
-
-
-# ---- hub sources --------------------------------------------------------------------------
-_HUB_CONFIG_KEY = {"mc4": "mc4", "flores_hub": "flores_plus", "belebele_hub": "belebele"}
-
-
-def _require_hub(source: str, role: str) -> None:
-    """Fail fast, before importing ``datasets``, when the hub is off or unreachable."""
-    alternatives = ", ".join(
-        n for n in SOURCES.names() if SOURCES.get(n).role == role and not SOURCES.get(n).hub
-    )
-    for var in _OFFLINE_VARS:
-        if os.environ.get(var, "").strip().upper() in _TRUE:
-            raise LangpruneError(
-                f"source {source!r} needs the Hugging Face hub but {var} is set (offline);"
-                f" use a bundled {role} source: {alternatives}"
-            )
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if not _hub_reachable(endpoint, HUB_TIMEOUT_S):
-        raise LangpruneError(
-            f"source {source!r} needs the Hugging Face hub but {endpoint} is unreachable"
-            f" (checked with a {HUB_TIMEOUT_S:g} s timeout); use a bundled {role} source:"
-            f" {alternatives}"
-        )
-
-
-def _hub_reachable(endpoint: str, timeout: float) -> bool:
-    """Whether ``endpoint`` answers an HTTP HEAD within ``timeout`` seconds (any status).
-
-    Runs in a daemon thread joined with a deadline, because DNS resolution is not bounded
-    by the socket timeout. Proxies from the environment are honoured by urllib.
-    """
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
-            result.append(True)
-        except urllib.error.HTTPError:
-            result.append(True)  # the server answered, with an error status: reachable
-        except (OSError, ValueError):
-            result.append(False)
-
-    thread = threading.Thread(target=probe, name="langprune-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return bool(result and result[0])
-
-
-def _load_hub(source: str, role: str, path: str, config: str, **kwargs: Any) -> Any:
-    """``datasets.load_dataset(path, config, **kwargs)`` with the fast offline check first."""
-    _require_hub(source, role)
-    import datasets  # heavy; imported only when the hub is actually used
-
-    try:
-        return datasets.load_dataset(path, config, **kwargs)
-    except Exception as e:  # gated, missing config, network drop: one clear line for the user
-        raise LangpruneError(
-            f"source {source!r}: could not load {path} ({config}):"
-            f" {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-
-
-def _mc4(lang: Language) -> list[Document]:
-    config = lang.hub["mc4"]
-    stream = _load_hub("mc4", CALIBRATION, MC4_ID, config, split="train", streaming=True)
-    docs: list[Document] = []
-    for i, row in enumerate(stream):
-        if i >= MC4_MAX_DOCUMENTS:
-            break
-        text = str(row.get("text") or "").strip()
-        if text:
-            docs.append(Document(str(row.get("url") or f"{config}-{i}"), text))
-    return docs
-
-
-def _flores_hub_rows(lang: Language) -> list[dict[str, Any]]:
-    config = lang.hub["flores_plus"]
-    return list(_load_hub("flores_hub", EVAL, FLORES_PLUS_ID, config, split="devtest"))
-
-
-def _flores_hub_documents(lang: Language) -> list[Document]:
-    rows = _flores_hub_rows(lang)
-    texts = [str(r.get("text") or "") for r in rows]
-    return _group((str(r.get("url") or i) for i, r in enumerate(rows)), texts)
-
-
-def _flores_hub_sentences(lang: Language) -> list[str]:
-    return [s for s in (str(r.get("text") or "").strip() for r in _flores_hub_rows(lang)) if s]
-
-
-def _belebele_passages(lang: Language) -> list[Document]:
-    # Belebele's passages are FLORES passages: unique passages, keyed by their link.
-    rows = _load_hub("belebele_hub", EVAL, BELEBELE_ID, lang.hub["belebele"], split="test")
-    passages: dict[str, str] = {}
-    for i, row in enumerate(rows):
-        text = str(row.get("flores_passage") or "").strip()
-        if text:
-            passages.setdefault(str(row.get("link") or i), text)
-    return [Document(k, v) for k, v in passages.items()]
-
-
-def _belebele_sentences(lang: Language) -> list[str]:
-    return [d.text for d in _belebele_passages(lang)]
 
 
 def _label(name: str) -> str:

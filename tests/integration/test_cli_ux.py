@@ -309,7 +309,8 @@ def test_suggestions_are_close_matches_only():
 
 
 def test_calib_source_errors_list_calibration_sources_only():
-    from pipeline.data.sources import CALIBRATION, get_source
+    from pipeline.data.documents import CALIBRATION
+    from pipeline.data.sources import get_source
 
     with pytest.raises(LangpruneError) as err:
         get_source("nope", role=CALIBRATION)

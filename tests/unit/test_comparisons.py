@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis import comparisons as C
-from analysis import stats as S
+from analysis import paired as P
 
 
 def _docs(run_id: str, correct, task="sib200", lang="de", start=0, n_choices=4):
@@ -38,7 +38,7 @@ def test_target_better_on_shared_documents_counts_the_dropped_one():
     records = pd.concat([_docs("t", target), _docs("o", np.append(other, True))])
     col = C.column(records, None, RUNS[RUNS.run_id != "b"], "sib200", "de")
     case = col.case
-    expected = S.paired_accuracy(target, other).difference
+    expected = P.paired_accuracy(target, other).difference
     assert case.other_row == "en" and case.verdict == "better"
     assert case.paired.n == 200 and case.paired.dropped == 1
     assert case.paired.comparison == expected

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import REQUIRED_LANGS, Config
 from pipeline.data import languages
-from pipeline.data.sources import DATASET_DIRS
+from pipeline.data.documents import DATASET_DIRS
 from pipeline.errors import LangpruneError
 from pipeline.paths import data_dir
 

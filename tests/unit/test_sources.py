@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import sources
+from pipeline.data import hub_sources, sources
 from pipeline.data.languages import REQUIRED, all_languages, get_language
 from pipeline.errors import LangpruneError
 from pipeline.paths import REPO_ROOT
@@ -202,7 +202,7 @@ def online(monkeypatch):
     """Pretend the hub is reachable; ``datasets.load_dataset`` is replaced per test."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sources, "_hub_reachable", lambda endpoint, timeout: True)
+    monkeypatch.setattr(hub_sources, "_hub_reachable", lambda endpoint, timeout: True)
     import datasets
 
     def install(rows):
@@ -220,7 +220,7 @@ def test_mc4_streams_capped_documents(online, monkeypatch):
     ]
     rows.insert(2, {"text": "   ", "url": "http://x/blank"})
     fake = online(rows)
-    monkeypatch.setattr(sources, "MC4_MAX_DOCUMENTS", 5)
+    monkeypatch.setattr(hub_sources, "MC4_MAX_DOCUMENTS", 5)
     docs = sources.load_documents("mc4", "sw")
     assert fake.calls == [(("allenai/c4", "sw"), {"split": "train", "streaming": True})]
     assert [d.doc_id for d in docs] == ["http://x/0", "http://x/1", "http://x/2", "http://x/3"]
@@ -277,7 +277,7 @@ def test_offline_fails_fast_before_datasets(monkeypatch, var, source):
         raise AssertionError("datasets.load_dataset called while offline")
 
     monkeypatch.setattr(datasets, "load_dataset", must_not_run)
-    monkeypatch.setattr(sources, "_hub_reachable", must_not_run)
+    monkeypatch.setattr(hub_sources, "_hub_reachable", must_not_run)
     with pytest.raises(LangpruneError, match=f"{var} is set") as err:
         sources.load_documents(source, "de")
     assert "bundled" in str(err.value)
@@ -317,11 +317,11 @@ def test_reachable_endpoint_counts_any_http_answer(monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        assert sources._hub_reachable(f"http://127.0.0.1:{server.server_port}", 5.0)
+        assert hub_sources._hub_reachable(f"http://127.0.0.1:{server.server_port}", 5.0)
     finally:
         server.shutdown()
         server.server_close()
-    assert not sources._hub_reachable(f"http://127.0.0.1:{_closed_port()}", 2.0)
+    assert not hub_sources._hub_reachable(f"http://127.0.0.1:{_closed_port()}", 2.0)
 
 
 def test_registry_roles():

@@ -8,17 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.paired import (
+    align_documents,
+    cluster_paired_bootstrap,
+    paired_accuracy,
+    paired_perplexity,
+)
 from analysis.stats import (
     accuracy_interval,
-    align_documents,
     bits_per_byte_interval,
     classify,
-    cluster_paired_bootstrap,
     fmt_interval,
     headline,
     is_informative,
-    paired_accuracy,
-    paired_perplexity,
     perplexity_interval,
     wilson_interval,
 )
