@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from analysis.paired import paired_perplexity
 from analysis.stats import fmt_interval, is_informative, perplexity_interval, wilson_interval
 
 #: Columns of the per-window perplexity records this module reads.
@@ -68,6 +69,28 @@ def ppl_interval_metrics(windows: pd.DataFrame, seed: int = 0) -> dict[str, floa
     return out
 
 
+def ppl_ratio_interval_metrics(windows: pd.DataFrame, dense_windows: pd.DataFrame,
+                               seed: int = 0) -> dict[str, float]:
+    """``ppl_ratio.<lang>.ci95_low/high``: the pruned / dense perplexity ratio's paired
+    bootstrap interval over the windows both runs scored (same ``lang`` and ``window``).
+
+    A language whose windows do not pair (different token counts: another tokenizer or
+    budget) or that has fewer than two gets no interval.
+    """
+    out: dict[str, float] = {}
+    if windows is None or dense_windows is None or windows.empty or dense_windows.empty:
+        return out
+    both = windows.merge(dense_windows, on=["lang", "window"], suffixes=("", "_dense"))
+    for lang, group in both.groupby("lang", sort=True):
+        if len(group) < 2 or not (group["n_tokens"] == group["n_tokens_dense"]).all():
+            continue
+        ratio = paired_perplexity(group["nll_sum"].to_numpy(), group["nll_sum_dense"].to_numpy(),
+                                  group["n_tokens"].to_numpy(), seed=seed).ratio
+        out[f"ppl_ratio.{lang}.ci95_low"] = ratio.low
+        out[f"ppl_ratio.{lang}.ci95_high"] = ratio.high
+    return out
+
+
 def _cell(metrics: Mapping[str, float], key: str, digits: int) -> str:
     if key not in metrics:
         return "-"
@@ -80,7 +103,8 @@ def _cell(metrics: Mapping[str, float], key: str, digits: int) -> str:
 def summary_table(metrics: Mapping[str, float], langs: list[str], tasks: list[str],
                   dense: Mapping[str, float] | None = None) -> pd.DataFrame:
     """One row per evaluation language: dense and pruned perplexity (with intervals), their
-    ratio, and each task's accuracy with its interval (``task*``: at chance, uninformative).
+    ratio (with its paired interval where ``ppl_ratio.<lang>.ci95_*`` are logged), and each
+    task's accuracy with its interval (``task*``: at chance, uninformative).
     """
     rows = []
     for lang in langs:
@@ -88,7 +112,9 @@ def summary_table(metrics: Mapping[str, float], langs: list[str], tasks: list[st
         if dense is not None:
             row["ppl dense"] = _cell(dense, f"ppl.{lang}", 1)
         row["ppl"] = _cell(metrics, f"ppl.{lang}", 1)
-        if dense is not None and f"ppl.{lang}" in dense and f"ppl.{lang}" in metrics:
+        if f"ppl_ratio.{lang}" in metrics:  # with its paired interval when logged
+            row["ratio"] = _cell(metrics, f"ppl_ratio.{lang}", 2)
+        elif dense is not None and f"ppl.{lang}" in dense and f"ppl.{lang}" in metrics:
             row["ratio"] = f"{metrics[f'ppl.{lang}'] / dense[f'ppl.{lang}']:.2f}"
         for task in tasks:
             key = f"{task}.{lang}"

@@ -43,15 +43,23 @@ def eval_frame(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def interval_metrics(report: Any, seed: int = 0) -> dict[str, float]:
-    """``<task>.<lang>.ci95_low/high/.n/.chance`` and ``ppl.<lang>.ci95_low/high``."""
-    from analysis.scores import ppl_interval_metrics, task_interval_metrics
+def interval_metrics(report: Any, seed: int = 0,
+                     dense_windows: pd.DataFrame | None = None) -> dict[str, float]:
+    """``<task>.<lang>.ci95_low/high/.n/.chance`` and ``ppl.<lang>.ci95_low/high``; with the
+    dense run's per-window records also ``ppl_ratio.<lang>.ci95_low/high`` (paired)."""
+    from analysis.scores import (
+        ppl_interval_metrics,
+        ppl_ratio_interval_metrics,
+        task_interval_metrics,
+    )
 
     out = {}
     if getattr(report, "task_docs", None) is not None:
         out.update(task_interval_metrics(report.task_docs))
     if getattr(report, "ppl_windows", None) is not None:
         out.update(ppl_interval_metrics(report.ppl_windows, seed=seed))
+        if dense_windows is not None:
+            out.update(ppl_ratio_interval_metrics(report.ppl_windows, dense_windows, seed=seed))
     return out
 
 
@@ -76,10 +84,13 @@ def record_prune(run: TrackedRun, cfg: Config, calib: Any, result: Any, prune_s:
 
 
 def record_eval(run: TrackedRun, cfg: Config, report: Any,
-                dense: dict[str, float] | None) -> dict[str, float]:
-    """Evaluation metrics (with ratios against ``dense`` ppl) and their intervals, the
-    per-document and per-window records, JSON results and the ppl plot."""
-    metrics = {**report.metrics(dense), **interval_metrics(report, cfg.run.seed)}
+                dense: dict[str, float] | None,
+                dense_windows: pd.DataFrame | None = None) -> dict[str, float]:
+    """Evaluation metrics (with ratios against ``dense`` ppl, paired over ``dense_windows``
+    when given) and their intervals, the per-document and per-window records, JSON results
+    and the ppl plot."""
+    metrics = {**report.metrics(dense),
+               **interval_metrics(report, cfg.run.seed, dense_windows)}
     L.log_eval(run, report, metrics)
     if dense is not None:
         from analysis.run_plots import ppl_vs_dense

@@ -193,13 +193,15 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
         run.set_tags({P.TAG_DENSE: dense_id})
         dense_ppl = (dense_report.ppl if dense_report is not None
                      else _ppl_from_metrics(dense_id))
+        dense_windows = (dense_report.ppl_windows if dense_report is not None
+                         else _windows_from_store(dense_id))
         t0 = time.perf_counter()
         result = stages.prune(cfg, loaded.model, calib.windows, loaded.device)
         prune_s = time.perf_counter() - t0
         record_prune(run, cfg, calib, result, prune_s, Path(cfg.run.output_dir) / run.run_id)
         report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
                                  loaded.max_length)
-        metrics = record_eval(run, cfg, report, dense=dense_ppl)
+        metrics = record_eval(run, cfg, report, dense=dense_ppl, dense_windows=dense_windows)
         run.log_metrics(_peak_memory(loaded.device))
         run.finish()
     print(f"finished run {run.run_id} ({name})")
@@ -209,6 +211,14 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
 def _ppl_from_metrics(run_id: str) -> dict[str, float]:
     m = run_metrics(run_id)
     return {k.split(".", 1)[1]: v for k, v in m.items() if k.startswith("ppl.")}
+
+
+def _windows_from_store(run_id: str) -> Any:
+    """The dense run's per-window perplexity records (None for runs that predate them)."""
+    from tracking.logging import PPL_WINDOWS_ARTIFACT
+    from tracking.runs_table import read_parquet_artifact
+
+    return read_parquet_artifact(run_id, PPL_WINDOWS_ARTIFACT)
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:

@@ -46,6 +46,17 @@ def test_params_are_the_canonical_config_and_reuse_works(store, tiny_model_dir, 
     assert len(dense) == 1
 
 
+def test_ppl_ratio_carries_a_paired_interval_with_a_fresh_or_stored_dense(store, tiny_model_dir):
+    """The first run evaluates the dense baseline itself; the second reads its windows back."""
+    first = run_main(small_cfg(tiny_model_dir, calib_lang="sw", eval_seq_len="32"))
+    second = run_main(small_cfg(tiny_model_dir, calib_lang="en", eval_seq_len="32"))
+    for result in (first, second):
+        m = store.get_run(result.run_id).data.metrics
+        for lang in ("en", "sw"):
+            low, high = m[f"ppl_ratio.{lang}.ci95_low"], m[f"ppl_ratio.{lang}.ci95_high"]
+            assert low <= m[f"ppl_ratio.{lang}"] <= high and low < high
+
+
 def test_a_failing_run_is_marked_failed_and_never_reused(store, tiny_model_dir, monkeypatch):
     import pipeline.stages as stages
 

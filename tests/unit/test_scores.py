@@ -54,3 +54,26 @@ def test_ppl_intervals_bracket_the_pooled_perplexity():
     assert m["ppl.zh.ci95_low"] < ppl < m["ppl.zh.ci95_high"]
     # one window has no spread to resample: no interval is claimed
     assert scores.ppl_interval_metrics(windows.iloc[:1]) == {}
+
+
+def test_ppl_ratio_interval_is_paired_over_the_shared_windows():
+    rng = np.random.default_rng(1)
+    dense_nll = rng.uniform(300, 500, size=30)  # windows differ a lot in difficulty ...
+    pruned_nll = dense_nll * 1.1 + rng.normal(0, 2, size=30)  # ... the pruning cost does not
+    frame = {"lang": "sw", "window": range(30), "n_tokens": 100, "n_bytes": 300}
+    dense = pd.DataFrame({**frame, "nll_sum": dense_nll})
+    pruned = pd.DataFrame({**frame, "nll_sum": pruned_nll})
+    m = scores.ppl_ratio_interval_metrics(pruned, dense)
+    ratio = float(np.exp((pruned_nll.sum() - dense_nll.sum()) / 3000))
+    low, high = m["ppl_ratio.sw.ci95_low"], m["ppl_ratio.sw.ci95_high"]
+    assert low < ratio < high
+    # Pairing removes the window-difficulty spread: far narrower than the unpaired intervals.
+    unpaired = scores.ppl_interval_metrics(pruned)
+    assert high - low < 0.2 * (unpaired["ppl.sw.ci95_high"] - unpaired["ppl.sw.ci95_low"]) / \
+        float(np.exp(dense_nll.sum() / 3000))
+    table = scores.summary_table({"ppl.sw": 1.0, "ppl_ratio.sw": ratio, **m}, ["sw"], [],
+                                 dense={"ppl.sw": 1.0})
+    assert table.iloc[0]["ratio"].startswith(f"{ratio:.2f} [")
+    # Windows that do not pair (another tokenizer) get no interval.
+    other = dense.assign(n_tokens=99)
+    assert scores.ppl_ratio_interval_metrics(pruned, other) == {}
