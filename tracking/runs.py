@@ -1,11 +1,14 @@
-"""The life cycle of langprune's MLflow runs: start or attach, reuse, finish, reap stale ones.
+"""The life cycle of langprune's MLflow runs: start or take over, reuse, finish, reap stale ones.
 
 Every run is driven through :class:`mlflow.MlflowClient` with an explicit run id (no fluent
 global state), so one process can log a dense baseline and a pruned run side by side. A run
 counts as a result only when it is FINISHED *and* tagged ``langprune.state=complete``; that
 tag is written last, after every param, metric and artifact. Runs that ``mlflow run`` leaves
 RUNNING after a failed environment set-up, or whose process died, are never taken as live:
-:func:`reap_stale_runs` marks them FAILED.
+:func:`reap_stale_runs` marks them FAILED. The run ``mlflow run`` launched this process with
+is taken over once, visibly (:func:`take_over_launched_run`, :func:`attach_or_create`), or
+marked failed when a command stops before that (:func:`fail_env_run`); see
+:mod:`tracking.launch`.
 
 The store helpers (:mod:`tracking.store`) and :class:`TrackedRun` (:mod:`tracking.tracked_run`)
 are re-exported here, so ``from tracking import runs as R`` reaches all of a run's API. The
@@ -17,7 +20,6 @@ one (the client, say) replaces it in both places.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -27,6 +29,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from tracking import params as P
 from tracking import store as S
+from tracking.launch import claim_launched_run, launched_run_id
 from tracking.store import (
     _first_line,
     active_experiment_name,
@@ -42,6 +45,7 @@ __all__ = [
     # the run life cycle (this module)
     "STALE_UNSTARTED_S", "Interrupted", "attach_or_create", "clip", "fail_env_run",
     "find_complete_run", "new_run", "pid_alive", "reap_stale_runs", "run_guard",
+    "take_over_launched_run",
     # re-exported from tracking.store
     "active_experiment_name", "check_tracking_reachable", "client",
     "default_artifact_location", "experiment_id", "tracking_uri",
@@ -78,15 +82,16 @@ def fail_env_run(command: str, message: str) -> bool:
     Called when a command fails before it took that run over: without this the run would
     end FAILED under a random MLflow name with no reason. It gets the name
     ``failed-<command>``, the tags ``langprune.error`` and ``langprune.state=failed``, and
-    ends FAILED. Best effort: quick requests, every store error swallowed, so the original
-    error is what the user sees.
+    ends FAILED; then it is claimed (:func:`tracking.launch.claim_launched_run`). A run a job
+    took over already is left alone. Best effort: quick requests, every store error
+    swallowed, so the original error is what the user sees.
 
     Returns:
         Whether the run was marked.
     """
     from tracking.reliability import quick_http_failure
 
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = launched_run_id()
     if not run_id:
         return False
     try:
@@ -98,7 +103,7 @@ def fail_env_run(command: str, message: str) -> bool:
     except Exception as e:  # the store may be the failure itself
         log.debug("could not mark run %s FAILED: %s", run_id, _first_line(e))
         return False
-    os.environ.pop("MLFLOW_RUN_ID", None)
+    claim_launched_run()  # ended as ours: nothing else may touch it now
     return True
 
 
@@ -121,15 +126,43 @@ def new_run(exp_id: str, name: str, tags: Mapping[str, str], parent: str | None 
     return S.client().create_run(exp_id, run_name=name, tags=all_tags).info.run_id
 
 
+def take_over_launched_run(name: str, tags: Mapping[str, str]) -> TrackedRun | None:
+    """Make the run ``mlflow run`` launched this process with our run ``name``, if any.
+
+    The launched run gets ``name`` and ``tags``, then is claimed
+    (:func:`tracking.launch.claim_launched_run`): later runs of this process are our own, and
+    a failing command no longer marks it (:func:`fail_env_run`).
+
+    Returns:
+        The run taken over; None when the process was not launched by ``mlflow run`` or a
+        job took the run over already.
+    """
+    launched = launched_run_id()
+    if launched is None:
+        return None
+    run = TrackedRun(launched)
+    run.set_tags({**tags, MLFLOW_RUN_NAME: name})
+    claim_launched_run()  # ours now: later runs of this process are our own
+    return run
+
+
 def attach_or_create(exp_id: str, name: str, tags: Mapping[str, str],
-                     parent: str | None = None) -> TrackedRun:
-    """Attach to the run ``mlflow run`` created (``MLFLOW_RUN_ID``) or create one."""
-    env_run = os.environ.get("MLFLOW_RUN_ID")
-    if env_run and parent is None:
-        run = TrackedRun(env_run)
-        run.set_tags({**tags, MLFLOW_RUN_NAME: name})
-        os.environ.pop("MLFLOW_RUN_ID")  # later runs of this process are our own
-        return run
+                     parent: str | None = None, *, take_launched: bool = True) -> TrackedRun:
+    """Take over the run ``mlflow run`` launched this process with, or create a new run.
+
+    Args:
+        exp_id: Experiment of a new run.
+        name: The run's name (the launched run is renamed to it).
+        tags: The run's tags.
+        parent: Parent of a new child run; a child is always a new run.
+        take_launched: Whether this run is the job's own: then (the default), with no
+            ``parent``, the launched run, while no job has claimed it, becomes this run and
+            is claimed (:func:`take_over_launched_run`). Without it, a new run.
+    """
+    if take_launched and parent is None:
+        run = take_over_launched_run(name, tags)
+        if run is not None:
+            return run
     return TrackedRun(new_run(exp_id, name, tags, parent))
 
 
@@ -176,7 +209,7 @@ def reap_stale_runs(exp_id: str, now_s: float | None = None) -> list[str]:
     """
     now_ms = (now_s or time.time()) * 1000
     host = socket.gethostname()
-    own = os.environ.get("MLFLOW_RUN_ID")
+    own = launched_run_id()  # ours, not stale: `mlflow run` created it for this process
     reaped = []
     for r in S.client().search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=5000):
         if r.info.run_id == own:

@@ -6,8 +6,8 @@ at call time; callers of ``tracking.runs.client`` (a re-export) look it up there
 that replaces the client replaces it in both modules.
 
 Which experiment a command's runs go to also lives here: the one
-``mlflow run`` chose, else the configured name, created with its artifacts next to a
-SQLite database (:func:`default_artifact_location`).
+``mlflow run`` chose (read through :mod:`tracking.launch`), else the configured name,
+created with its artifacts next to a SQLite database (:func:`default_artifact_location`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import LangpruneError
+from tracking.launch import launched_experiment_id, launched_run_id
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,10 @@ def _first_line(e: BaseException) -> str:
 
 def experiment_id(name: str) -> str:
     """The active ``mlflow run`` experiment if we run under it, else ``name`` (created)."""
-    env_run = os.environ.get("MLFLOW_RUN_ID")
+    env_run = launched_run_id()
     if env_run:
         return client().get_run(env_run).info.experiment_id
-    env_exp = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    env_exp = launched_experiment_id()
     if env_exp:
         return env_exp
     c = client()
@@ -123,13 +124,14 @@ def default_artifact_location(name: str, uri: str | None = None) -> str | None:
 def active_experiment_name() -> str | None:
     """The experiment ``mlflow run`` (or the environment) put this process in, if any.
 
-    ``MLFLOW_RUN_ID`` (the run ``mlflow run`` created) or ``MLFLOW_EXPERIMENT_ID`` name it
-    through the store; ``MLFLOW_EXPERIMENT_NAME`` names it directly. None when none is set
-    or the store cannot say quickly (the preflight then reports the store).
+    ``MLFLOW_RUN_ID`` (the run ``mlflow run`` created, while unclaimed) or
+    ``MLFLOW_EXPERIMENT_ID`` name it through the store (both read by :mod:`tracking.launch`);
+    ``MLFLOW_EXPERIMENT_NAME`` names it directly. None when none is set or the store cannot
+    say quickly (the preflight then reports the store).
     """
     from tracking.reliability import quick_http_failure
 
-    run_id, exp_id = os.environ.get("MLFLOW_RUN_ID"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+    run_id, exp_id = launched_run_id(), launched_experiment_id()
     if run_id or exp_id:
         try:
             with quick_http_failure():
