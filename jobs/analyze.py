@@ -44,7 +44,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -269,12 +268,11 @@ def _check_members(members: Sequence[RT.Member], sweep: RT.Sweep) -> None:
             )
 
 
-def _wrapper(exp_id: str, parent_id: str) -> R.TrackedRun | None:
-    """The run ``mlflow run -e analyze`` created, tagged as an analyze run of the sweep."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        return None
+def _wrapper(parent_id: str) -> R.TrackedRun | None:
+    """The run ``mlflow run -e analyze`` created, taken over as an analyze run of the sweep
+    (None without one)."""
     tags = {P.TAG_KIND: "analyze", P.TAG_STATE: "running", RT.TAG_SWEEP: parent_id}
-    return R.attach_or_create(exp_id, f"analyze-{parent_id[:8]}", tags)
+    return R.take_over_launched_run(f"analyze-{parent_id[:8]}", tags)
 
 
 def run_analyze(cfg: Config) -> None:
@@ -294,7 +292,7 @@ def run_analyze(cfg: Config) -> None:
         raise LangpruneError(f"sweep {sweep.run_id} has no successful member runs")
     todo = [m for m in sweep.members if cfg.run.force or m.tags.get(RT.TAG_ANALYSIS) != "done"]
     _check_members(todo, sweep)
-    wrapper = _wrapper(exp_id, sweep.run_id)
+    wrapper = _wrapper(sweep.run_id)
     guard = R.run_guard(wrapper) if wrapper is not None else contextlib.nullcontext()
     with guard, tempfile.TemporaryDirectory(prefix="langprune-analyze-") as tmp:
         paths = {m.run_id: RT.download_masks(m.run_id, tmp) for m in sweep.members}

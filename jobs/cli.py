@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.config import COMMAND_DEFAULTS, SECTIONS, Config, canonical
 from pipeline.errors import LangpruneError
+from tracking.launch import launched_experiment_id, launched_run_id
 from tracking.reliability import apply_http_retry_defaults
 
 log = logging.getLogger("langprune")
@@ -204,7 +205,7 @@ def adopt_experiment(cfg: Config, explicit: set[str]) -> Config:
     if name is None or name == cfg.run.experiment:
         return cfg
     if "experiment" in explicit:
-        if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        if launched_run_id() or launched_experiment_id():
             raise LangpruneError(
                 f"experiment={cfg.run.experiment} but `mlflow run` filed this run in "
                 f"experiment {name!r}; pass --experiment-name {cfg.run.experiment} to "
@@ -294,7 +295,7 @@ HANDLERS: dict[str, Callable[[Config], None]] = {
 def _fail_env_run(command: str, message: str) -> None:
     """Give the run ``mlflow run`` created, when we never took it over, our name and
     reason (best effort; see :func:`tracking.runs.fail_env_run`)."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    if not launched_run_id():  # none, or taken over: spare the import of mlflow
         return
     from tracking.runs import fail_env_run
 

@@ -10,7 +10,6 @@ evaluation config and reused by every pruned run (``ppl_ratio.<lang>`` compares 
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import time
 from collections.abc import Sequence
@@ -114,8 +113,9 @@ def _reuse(exp_id: str, config_hash: str, name: str) -> str | None:
         return None
     log.info("reusing finished run %s (%s); pass force=true to run again", found, name)
     print(f"reusing finished run {found} ({name})")
-    if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` created points at the result
-        wrapper = R.attach_or_create(exp_id, f"reused-{name}", {P.TAG_KIND: "reuse"})
+    # the run `mlflow run` created, if any, points at the result
+    wrapper = R.take_over_launched_run(f"reused-{name}", {P.TAG_KIND: "reuse"})
+    if wrapper is not None:
         wrapper.set_tags({P.TAG_REUSED: found})
         wrapper.finish(state="reused")
     return found
@@ -144,8 +144,7 @@ def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tu
     tags = P.run_tags(cfg, "dense", str(loaded.device), entry_point)
     # Only the `dense` entry point owns the run `mlflow run` created; elsewhere the dense
     # baseline is a run of its own next to the pruned one.
-    run = (R.attach_or_create(exp_id, name, tags) if entry_point == "dense"
-           else R.TrackedRun(R.new_run(exp_id, name, tags)))
+    run = R.attach_or_create(exp_id, name, tags, take_launched=entry_point == "dense")
     with R.run_guard(run):
         record_start(run, cfg, dense=True)
         report = stages.evaluate(cfg, loaded.model, loaded.tokenizer, loaded.device,
@@ -180,7 +179,7 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
     if not cfg.run.force and (found := _reuse(exp_id, cfg.config_hash(), name)):
         return JobResult(found, True, run_metrics(found))
     tags = {**P.run_tags(cfg, "pruned", "pending", entry_point), **(extra_tags or {})}
-    run = R.attach_or_create(exp_id, name, tags, parent=parent_run_id)
+    run = R.attach_or_create(exp_id, name, tags, parent=parent_run_id, take_launched=True)
     with R.run_guard(run):
         record_start(run, cfg, dense=False)
         run.start_system_metrics()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -142,10 +141,9 @@ def run_report(cfg: Config) -> Path:
     root = Path(cfg.analysis.report_dir)
     _writable_folder(root)
     target = root / sweep.run_id
-    wrapper = None
-    if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run -e report` made
-        tags = {P.TAG_KIND: "report", P.TAG_STATE: "running", RT.TAG_SWEEP: sweep.run_id}
-        wrapper = R.attach_or_create(exp_id, f"report-{sweep.run_id[:8]}", tags)
+    tags = {P.TAG_KIND: "report", P.TAG_STATE: "running", RT.TAG_SWEEP: sweep.run_id}
+    # the run `mlflow run -e report` made, if any
+    wrapper = R.take_over_launched_run(f"report-{sweep.run_id[:8]}", tags)
     with (R.run_guard(wrapper) if wrapper else contextlib.nullcontext()):
         with tempfile.TemporaryDirectory(prefix=".report-", dir=root) as tmp:
             inputs = read_inputs(sweep, Path(tmp) / "inputs")

@@ -40,7 +40,8 @@ def run_sweep(cfg: Config) -> str:
     exp_id = preflight(cfg, [cell.calib for cell in cells])
     tags = P.run_tags(cfg, "sweep", "pending", "sweep")
     tags[P.TAG_HASH] = "sweep-" + cfg.config_hash()
-    parent = R.attach_or_create(exp_id, f"sweep-{P.run_name(cfg, 'dense')[6:]}", tags)
+    parent = R.attach_or_create(exp_id, f"sweep-{P.run_name(cfg, 'dense')[6:]}", tags,
+                                take_launched=True)
     with R.run_guard(parent):
         parent.log_params({**P.to_mlflow_params(cfg, ("model", "eval", "sweep", "run")),
                            "sweep.cells": str(len(cells))})

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tracking import params as P
 from tracking import runs as R
+from tracking.launch import claim_launched_run, launched_run_id
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,14 @@ def create_study_parent(exp_id: str, study_name: str, tags: Mapping[str, str]) -
 
     Called by the one worker that created the Optuna study (creation is atomic), which then
     records the id in the study (:data:`PARENT_ATTR`), so concurrent workers cannot make two.
-    Under ``mlflow run`` the run MLflow created becomes the parent.
+    Under ``mlflow run`` the run MLflow created becomes the parent (taken over, unless a job
+    of this process claimed it already).
     """
     found = find_study_parents(exp_id, study_name)
     if found:  # the study's storage was recreated; keep its runs together
         return found[0]
     own = {**tags, P.TAG_KIND: "search", TAG_STUDY: study_name}
-    return R.attach_or_create(exp_id, f"search-{study_name}", own).run_id
+    return R.attach_or_create(exp_id, f"search-{study_name}", own, take_launched=True).run_id
 
 
 def _usable_parent(exp_id: str, run_id: str | None) -> str | None:
@@ -91,7 +92,7 @@ def _elect_by_tag(exp_id: str, study_name: str,
     found = find_study_parents(exp_id, study_name)
     if found:
         return found[0], None
-    env_run = os.environ.get("MLFLOW_RUN_ID")
+    env_run = launched_run_id()  # before create_study_parent may take it over
     created = create_study_parent(exp_id, study_name, tags)
     found = find_study_parents(exp_id, study_name) or [created]
     if created == found[0]:
@@ -121,11 +122,11 @@ def open_study_parent(exp_id: str, study_name: str, tags: Mapping[str, str],
     if recorded is None:
         recorded, worker = _elect_by_tag(exp_id, study_name, tags)
     parent = R.TrackedRun(recorded)
-    env_run = os.environ.get("MLFLOW_RUN_ID")
+    env_run = launched_run_id()  # None once taken over above (as parent or elector's worker)
     if env_run == recorded:
-        os.environ.pop("MLFLOW_RUN_ID")  # later runs of this process are our own
+        claim_launched_run()  # the parent is the launched run: later runs are our own
     elif env_run and worker is None:
-        worker = R.attach_or_create(exp_id, f"worker-{study_name}", {
+        worker = R.take_over_launched_run(f"worker-{study_name}", {
             **tags, P.TAG_KIND: "search-worker", TAG_STUDY: study_name,
             MLFLOW_PARENT_RUN_ID: recorded})
     R.client().update_run(parent.run_id, status="RUNNING")
