@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from analysis import iou as I
 from analysis import plots
 from analysis.keys import SweepRun
-from pipeline.errors import LangpruneError
 from pipeline.masks import PackedMask, read_metadata
 
 
@@ -78,29 +77,37 @@ def intra_inter_by_layer(layers: pd.DataFrame) -> pd.DataFrame:
     return out[["method", "kind", "layer", "iou"]]
 
 
-def method_sparsity(members: Sequence[SweepRun]) -> dict[str, float]:
-    """The (single) target sparsity of each method's runs."""
-    out: dict[str, float] = {}
+def iou_groups(members: Sequence[SweepRun]) -> tuple[dict[str, str], dict[str, float]]:
+    """The runs whose masks are compared: one group per method, or per method and sparsity
+    where a method has several (a sparsity grid), named as the report's matrices are
+    (``wanda``, ``wanda_s0.5``). Returns ``(group name by run id, sparsity by group)``."""
+    by_method: dict[str, set[float]] = {}
+    for m in members:
+        by_method.setdefault(m.method, set()).add(float(m.params.get("sparsity", "nan")))
+    names: dict[str, str] = {}
+    sparsity: dict[str, float] = {}
     for m in members:
         s = float(m.params.get("sparsity", "nan"))
-        if out.setdefault(m.method, s) != s:
-            raise LangpruneError(f"{m.method} runs of the sweep differ in sparsity; IoU needs one")
-    return out
+        name = m.method if len(by_method[m.method]) == 1 else f"{m.method}_s{s:g}"
+        names[m.run_id], sparsity[name] = name, s
+    return names, sparsity
 
 
 def write_iou(
     members: Sequence[SweepRun], mask_paths: Mapping[str, Path], folder: Path,
     *, progress: bool = False,
 ) -> dict[str, float] | None:
-    """Pairwise mask IoU of same-method runs: tables, matrices and plots into ``folder``.
+    """Pairwise mask IoU of runs of one method and sparsity (:func:`iou_groups`): tables,
+    matrices and plots into ``folder``; the ``method`` column holds the group's name.
 
     ``mask_paths`` (run id -> packed mask file) must have been verified (format, checksum).
 
     Returns:
-        The headline metrics (``iou.intra.<method>``, ``iou.inter.<method>``, the random
-        baselines), or None when no two runs share a method (nothing written).
+        The headline metrics (``iou.intra.<group>``, ``iou.inter.<group>``, the random
+        baselines), or None when no two runs share a group (nothing written).
     """
-    refs = [I.RunRef(m.run_id, m.calib_lang, m.calib_set, m.method) for m in members]
+    names, sparsity = iou_groups(members)
+    refs = [I.RunRef(m.run_id, m.calib_lang, m.calib_set, names[m.run_id]) for m in members]
     masks = {m.run_id: LazyPackedMasks(mask_paths[m.run_id]) for m in members}
     pairs = I.pairwise_iou(refs, masks.__getitem__, progress=progress)
     if pairs.empty:
@@ -108,7 +115,6 @@ def write_iou(
     modules, layers, types = pair_tables(pairs, masks, progress)
     summary = I.intra_inter_summary(pairs)
     by_layer = intra_inter_by_layer(layers)
-    sparsity = method_sparsity(members)
     for name, frame in (("pairs", pairs), ("modules", modules), ("layers", layers),
                         ("module_types", types), ("summary", summary),
                         ("layers_summary", by_layer)):

@@ -35,7 +35,8 @@ class ReportInputs:
         dense: The dense baseline's metrics (``ppl.de`` -> value); empty if unknown.
         eval_langs: Evaluation languages in config order.
         tasks: Task suites (metrics ``<task>.<lang>``).
-        sparsity: Method -> target sparsity (for the random IoU baseline).
+        sparsity: Method (and IoU group, e.g. ``wanda_s0.5``) -> target sparsity (for the
+            random IoU baseline).
         iou: Method -> language x language IoU matrix (intra on the diagonal).
         iou_summary: Per method ``intra``, ``inter``, ``n_intra``, ``n_inter``.
         snr: Rows of every run's SNR table plus :data:`RUN_KEYS`.

@@ -22,6 +22,7 @@ import pandas as pd
 
 from analysis import report_tables as RI
 from analysis.lape import counts_file_scores
+from analysis.mask_iou import iou_groups
 from analysis.report import ReportInputs, build_report
 from pipeline.config import Config, split_list
 from pipeline.errors import LangpruneError
@@ -69,7 +70,7 @@ def _lape_scores(run_id: str, path: str, dst: Path) -> np.ndarray | None:
 def iou_inputs(sweep: RT.Sweep) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
     """The parent's IoU matrices (language x language, per method) and intra/inter summary."""
     matrices = {}
-    for method in sorted({m.method for m in sweep.members}):
+    for method in sorted(set(iou_groups(sweep.members)[0].values())):
         table = RT.read_csv_artifact(sweep.run_id, f"{RT.IOU_DIR}/matrix_{method}.csv")
         if table is not None:
             matrices[method] = RI.iou_matrix(table)
@@ -94,7 +95,8 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
         dense=dense,
         eval_langs=split_list(sweep.params.get("eval_langs", "")),
         tasks=split_list(sweep.params.get("tasks", "")),
-        sparsity={m.method: float(m.params.get("sparsity", "nan")) for m in sweep.members},
+        sparsity={**{m.method: float(m.params.get("sparsity", "nan")) for m in sweep.members},
+                  **iou_groups(sweep.members)[1]},  # by method and by IoU group
         iou=iou,
         iou_summary=iou_summary,
         snr=member_tables(sweep, RT.SNR_TABLE),
