@@ -350,7 +350,7 @@ def test_readme_main_command_checks_the_store_first():
 
 
 def test_model_file_checks_read_headers_only(tiny_model_dir: Path, tmp_path):
-    from pipeline.loading import check_gguf_header, check_weight_files
+    from pipeline.model_files import check_gguf_header, check_weight_files
 
     check_weight_files(tiny_model_dir)  # a whole folder passes
     weights = tiny_model_dir / "model.safetensors"
