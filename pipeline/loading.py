@@ -19,7 +19,6 @@ cheap checks of model files in :mod:`pipeline.model_files`, hub reachability in
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import re
@@ -136,7 +135,6 @@ class ModelProbe:
     weight_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
 
-@functools.lru_cache(maxsize=4)  # the job's later load_model reuses the probe's tokenizer
 def probe_model(cfg: ModelCfg) -> ModelProbe | None:
     """Cheap checks of ``cfg.model`` and ``cfg.device`` before any weights are read.
 
@@ -147,6 +145,9 @@ def probe_model(cfg: ModelCfg) -> ModelProbe | None:
     (:func:`~pipeline.model_files.check_weight_files`), an unknown architecture or a model
     without decoder layers fail here with one line naming the file. The model is built on
     the meta device (no memory, no weights) to find its decoder layers.
+
+    Nothing is cached: a job probes once (in its preflight), keeps the probe and hands its
+    tokenizer to :func:`load_model`.
 
     Returns:
         The probe, or None when the source is not a local folder yet (an embedded model
