@@ -100,7 +100,8 @@ def prepare(model_name: str, args: argparse.Namespace, tmp: Path) -> tuple[Path,
 
         from pipeline import stages
         from pipeline.config import Config, ModelCfg
-        from pipeline.loading import EMBEDDED, cache_dir, embedded_folder
+        from pipeline.model_cache import EMBEDDED, embedded_folder
+        from pipeline.paths import cache_dir
 
         folder, _ = embedded_folder(EMBEDDED[ModelCfg().model], cache_dir(""))
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -105,14 +105,18 @@ def analysis_model_cfg(cfg: Config, sweep_params: Mapping[str, str]) -> ModelCfg
     )
 
 
-def build_context(cfg: Config, sweep: RT.Sweep, *, progress: bool = True) -> Context:
-    """Load the model once, prepare the text and the dense reference (from cache if there)."""
+def build_context(cfg: Config, sweep: RT.Sweep, *, progress: bool = True,
+                  probe: ModelProbe | None = None) -> Context:
+    """Load the model once, prepare the text and the dense reference (from cache if there).
+
+    ``probe`` is the one :func:`check_mask_files` made; the model loads with its tokenizer.
+    """
     from pipeline.models import DenseSnapshot
     from pipeline.paths import cache_dir
 
     t0 = time.perf_counter()
     a = cfg.analysis
-    engine, text, key, tokenizer = _load_engine(cfg, sweep, progress)
+    engine, text, key, tokenizer = _load_engine(cfg, sweep, progress, probe)
     folder = cache_dir(cfg.model.model_cache) / "analysis" / key
     timings = {"load_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
@@ -125,7 +129,7 @@ def build_context(cfg: Config, sweep: RT.Sweep, *, progress: bool = True) -> Con
 
 
 def _load_engine(
-    cfg: Config, sweep: RT.Sweep, progress: bool
+    cfg: Config, sweep: RT.Sweep, progress: bool, probe: ModelProbe | None
 ) -> tuple[Engine, AnalysisText, str, Any]:
     """The sweep's model loaded, its evaluation text, the dense cache key and the tokenizer."""
     from pipeline.loading import load_model
@@ -134,7 +138,8 @@ def _load_engine(
     a = cfg.analysis
     langs = split_list(sweep.params.get("eval_langs", cfg.eval.eval_langs))
     source = sweep.params.get("eval_source", cfg.eval.eval_source)
-    loaded = load_model(analysis_model_cfg(cfg, sweep.params))
+    loaded = load_model(analysis_model_cfg(cfg, sweep.params),
+                        probe.tokenizer if probe is not None else None)
     text = build_text(loaded.tokenizer, source, langs, a.analysis_tokens, a.analysis_seq_len,
                       a.lsar_sentences)
     layout, n_neurons = ffn_layout(decoder_layers(loaded.model)[0])
@@ -296,10 +301,10 @@ def run_analyze(cfg: Config) -> None:
     guard = R.run_guard(wrapper) if wrapper is not None else contextlib.nullcontext()
     with guard, tempfile.TemporaryDirectory(prefix="langprune-analyze-") as tmp:
         paths = {m.run_id: RT.download_masks(m.run_id, tmp) for m in sweep.members}
-        check_mask_files(cfg, sweep, paths)
+        probe = check_mask_files(cfg, sweep, paths)
         parent = R.TrackedRun(sweep.run_id)
         analyze_iou(parent, sweep.members, paths, progress=True)
-        done = _analyze_members(cfg, sweep, parent, todo, paths)
+        done = _analyze_members(cfg, sweep, parent, todo, paths, probe)
         print(f"analyzed sweep {sweep.run_id}: IoU over {len(sweep.members)} runs; SNR/LSAR/LAPE "
               f"for {len(done)} run(s), {len(sweep.members) - len(done)} already done")
         if wrapper is not None:
@@ -307,10 +312,15 @@ def run_analyze(cfg: Config) -> None:
             wrapper.finish()
 
 
-def check_mask_files(cfg: Config, sweep: RT.Sweep, paths: Mapping[str, Path]) -> None:
+def check_mask_files(cfg: Config, sweep: RT.Sweep,
+                     paths: Mapping[str, Path]) -> ModelProbe | None:
     """Before the model loads: every member's mask file is intact (format, sha256), is the file
     the run logged (its ``langprune.masks_sha256`` tag), and fits the model (every name a
     module with a weight of the mask's shape, read off the model's meta-device skeleton).
+
+    Returns:
+        The model's :class:`~pipeline.loading.ModelProbe` (None for a source not local yet),
+        for :func:`build_context` to load the model with its tokenizer.
 
     Raises:
         LangpruneError: one line naming the run and the first problem.
@@ -330,6 +340,7 @@ def check_mask_files(cfg: Config, sweep: RT.Sweep, paths: Mapping[str, Path]) ->
             )
         if probe is not None:  # a model not yet converted: apply_masks checks shapes later
             _check_shapes(member.run_id, json.loads(meta["shapes"]), probe)
+    return probe
 
 
 def _check_shapes(run_id: str, shapes: Mapping[str, Sequence[int]], probe: ModelProbe) -> None:
@@ -350,11 +361,11 @@ def _check_shapes(run_id: str, shapes: Mapping[str, Sequence[int]], probe: Model
 
 def _analyze_members(
     cfg: Config, sweep: RT.Sweep, parent: R.TrackedRun, todo: Sequence[RT.Member],
-    paths: Mapping[str, Path],
+    paths: Mapping[str, Path], probe: ModelProbe | None,
 ) -> list[str]:
     if not todo:
         return []
-    ctx = build_context(cfg, sweep)
+    ctx = build_context(cfg, sweep, probe=probe)
     _log_dense(parent, ctx)
     done = []
     for member in tqdm(todo, desc="analyze runs"):

@@ -231,8 +231,8 @@ def _cmd_dense(cfg: Config) -> None:
     from jobs.console import summarise_run
     from jobs.main import preflight, run_dense
 
-    preflight(cfg)
-    summarise_run(cfg, run_dense(cfg)[0], dense=True)
+    _, probe = preflight(cfg)
+    summarise_run(cfg, run_dense(cfg, probe=probe)[0], dense=True)
 
 
 def _cmd_sweep(cfg: Config) -> None:

@@ -47,13 +47,19 @@ def numerics_tags(cfg: Config, device: Any) -> dict[str, str]:
     return {f"langprune.{k}": v for k, v in pruner_from_config(cfg.prune).numerics(device).items()}
 
 
-def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = True) -> str:
-    """Cheap checks before any heavy work; returns the experiment id.
+def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *,
+              inputs: bool = True) -> tuple[str, ModelProbe | None]:
+    """Cheap checks before any heavy work; returns the experiment id and the model probe.
 
     Args:
         cfg: the validated config.
         calibs: the calibration configs the job will build (their corpora are checked).
         inputs: also run :func:`check_inputs` (model, device, corpora, evaluation texts).
+
+    Returns:
+        ``(experiment_id, probe)``: the probe of :func:`check_inputs` (None without
+        ``inputs`` or for sources not local yet). The job keeps it and hands it to
+        :func:`_load`, so the model loads with the tokenizer the probe read.
     """
     R.check_tracking_reachable()
     out = Path(cfg.run.output_dir)
@@ -62,15 +68,14 @@ def preflight(cfg: Config, calibs: Sequence[CalibCfg] = (), *, inputs: bool = Tr
         from pipeline.evaluate.lm_eval_runner import validate_tasks
 
         validate_tasks(cfg.eval.task_list, cfg.eval.eval_lang_list)
-    if inputs:
-        check_inputs(cfg, calibs)
+    probe = check_inputs(cfg, calibs) if inputs else None
     exp_id = R.experiment_id(cfg.run.experiment)
     R.reap_stale_runs(exp_id)
     from pipeline.masks import remove_stale_temporaries
 
     for path in remove_stale_temporaries(out):
         log.warning("removed %s, a partial mask file of a killed run", path)
-    return exp_id
+    return exp_id, probe
 
 
 def check_inputs(cfg: Config, calibs: Sequence[CalibCfg] = (),
@@ -121,17 +126,21 @@ def _reuse(exp_id: str, config_hash: str, name: str) -> str | None:
     return found
 
 
-def _load(cfg: Config):
-    from pipeline.loading import load_model, probe_model
+def _load(cfg: Config, probe: ModelProbe | None):
+    """Load ``cfg``'s model; with the preflight's ``probe``, with the tokenizer it read."""
+    from pipeline.loading import load_model
 
-    probe = probe_model(cfg.model)  # cached by the preflight: its tokenizer is reused
     loaded = load_model(cfg.model, probe.tokenizer if probe is not None else None)
     stages.check_model_fits(cfg, loaded.max_length)
     return loaded
 
 
-def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tuple[str, Any]:
+def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense", *,
+              probe: ModelProbe | None = None) -> tuple[str, Any]:
     """Evaluate the unpruned model once per model + evaluation config; reuse it after.
+
+    ``probe`` is the caller's :func:`preflight` probe, used when the model is loaded here
+    (``loaded`` None).
 
     Returns ``(run_id, EvalReport or None)``; the report is None when a finished dense run
     was reused (its metrics are then read from the store).
@@ -140,7 +149,7 @@ def run_dense(cfg: Config, loaded: Any = None, entry_point: str = "dense") -> tu
     name = P.run_name(cfg, "dense")
     if not cfg.run.force and (found := _reuse(exp_id, P.dense_hash(cfg), name)):
         return found, None
-    loaded = loaded or _load(cfg)
+    loaded = loaded or _load(cfg, probe)
     tags = P.run_tags(cfg, "dense", str(loaded.device), entry_point)
     # Only the `dense` entry point owns the run `mlflow run` created; elsewhere the dense
     # baseline is a run of its own next to the pruned one.
@@ -174,7 +183,8 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
             None loads the model.
         check: run :func:`preflight` (callers that already did may skip it).
     """
-    exp_id = preflight(cfg, [cfg.calib]) if check else R.experiment_id(cfg.run.experiment)
+    exp_id, probe = (preflight(cfg, [cfg.calib]) if check
+                     else (R.experiment_id(cfg.run.experiment), None))
     name = P.run_name(cfg)
     if not cfg.run.force and (found := _reuse(exp_id, cfg.config_hash(), name)):
         return JobResult(found, True, run_metrics(found))
@@ -183,7 +193,7 @@ def run_main(cfg: Config, entry_point: str = "main", *, parent_run_id: str | Non
     with R.run_guard(run):
         record_start(run, cfg, dense=False)
         run.start_system_metrics()
-        loaded = loaded or _load(cfg)
+        loaded = loaded or _load(cfg, probe)
         run.set_tags({P.TAG_DEVICE: str(loaded.device), **numerics_tags(cfg, loaded.device)})
         calib = stages.calibrate(cfg, loaded.tokenizer)
         # `force` re-runs this run; the shared dense baseline is still reused.

@@ -37,7 +37,7 @@ def run_sweep(cfg: Config) -> str:
     from earlier sweeps or single ``main`` runs count as members without being copied.
     """
     cells = sweep_cells(cfg)  # every cell is validated (config and corpus) before heavy work
-    exp_id = preflight(cfg, [cell.calib for cell in cells])
+    exp_id, probe = preflight(cfg, [cell.calib for cell in cells])
     tags = P.run_tags(cfg, "sweep", "pending", "sweep")
     tags[P.TAG_HASH] = "sweep-" + cfg.config_hash()
     parent = R.attach_or_create(exp_id, f"sweep-{P.run_name(cfg, 'dense')[6:]}", tags,
@@ -45,7 +45,7 @@ def run_sweep(cfg: Config) -> str:
     with R.run_guard(parent):
         parent.log_params({**P.to_mlflow_params(cfg, ("model", "eval", "sweep", "run")),
                            "sweep.cells": str(len(cells))})
-        loaded = _load(cfg)
+        loaded = _load(cfg, probe)
         parent.set_tags({P.TAG_DEVICE: str(loaded.device)})
         dense_id, _ = run_dense(cfg, loaded, entry_point="sweep")
         snapshot = DenseSnapshot(loaded.model)

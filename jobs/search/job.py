@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -39,6 +39,9 @@ from tracking import optuna_storage as OS
 from tracking import optuna_workers as OW
 from tracking import params as P
 from tracking import runs as R
+
+if TYPE_CHECKING:
+    from pipeline.loading import ModelProbe
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,7 @@ def run_search(cfg: Config, *, progress: bool = True) -> SearchResult:
     Cheap checks come first (objective, pool, tracking store, storage), then the model loads.
     """
     objective, pool, url = _validate(cfg)
-    exp_id = preflight(cfg, inputs=False)
+    exp_id, _ = preflight(cfg, inputs=False)
     # the fast-mode statistics read n_samples windows of every pool language
     probe = check_inputs(cfg, [cfg.replace(calib_lang=lang, calib_blend="").calib
                                for lang in pool], [objective.target])
@@ -189,7 +192,7 @@ def run_search(cfg: Config, *, progress: bool = True) -> SearchResult:
         parent.log_params(_parent_params(cfg, name, pool, objective))
         parent.set_tags({"langprune.n_trials_target": str(cfg.search.n_trials),
                          "langprune.study_storage": OS.safe_url(url)})
-        ran, verdict = _search_body(ctx, study, progress)
+        ran, verdict = _search_body(ctx, study, progress, probe)
         summary = OM.summarise_study(study)
         if verdict is not None:
             parent.finish(state="complete")
@@ -202,14 +205,15 @@ def run_search(cfg: Config, *, progress: bool = True) -> SearchResult:
     return SearchResult(name, OS.safe_url(url), parent.run_id, ran, summary, verdict)
 
 
-def _search_body(ctx: _Search, study: optuna.Study,
-                 progress: bool) -> tuple[int, Verdict | None]:
+def _search_body(ctx: _Search, study: optuna.Study, progress: bool,
+                 probe: ModelProbe | None) -> tuple[int, Verdict | None]:
     """Trials (model and fast statistics loaded only if any are due), summary, figures and,
-    when the study is complete, the verdict."""
+    when the study is complete, the verdict. ``probe`` is the one :func:`run_search`'s
+    checks made; the model loads with its tokenizer."""
     cfg = ctx.cfg
     ran = 0
     if OS.started_trials(study) < cfg.search.n_trials:
-        _load_model(ctx)
+        _load_model(ctx, probe)
         if cfg.search.mode == "fast":
             ctx.stats = language_stats(ctx, progress)
         ran = run_trials(study, ctx, cfg.search.n_trials, progress)
@@ -223,16 +227,15 @@ def _search_body(ctx: _Search, study: optuna.Study,
         log.info("another worker runs the verdict of %s", ctx.study_name)
         return ran, None
     if ctx.loaded is None:
-        _load_model(ctx)
+        _load_model(ctx, probe)
     verdict = run_verdict(ctx, study)
     log_verdict(ctx.parent, verdict)
     return ran, verdict
 
 
-def _load_model(ctx: _Search) -> None:
-    from pipeline.loading import load_model, probe_model
+def _load_model(ctx: _Search, probe: ModelProbe | None) -> None:
+    from pipeline.loading import load_model
 
-    probe = probe_model(ctx.cfg.model)  # cached by the preflight: its tokenizer is reused
     ctx.loaded = load_model(ctx.cfg.model, probe.tokenizer if probe is not None else None)
     stages.check_model_fits(ctx.cfg, ctx.loaded.max_length)
     _check_verdict_corpus(ctx.cfg, ctx.loaded.tokenizer)

@@ -139,7 +139,7 @@ def _check_hub_for(tasks: list[str]) -> None:
     With ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set, ``datasets`` reads its local cache
     and answers at once, so only the unreachable-but-not-offline case is refused here.
     """
-    from pipeline.loading import env_flag, hub_offline_flag, hub_online
+    from pipeline.hub import env_flag, hub_offline_flag, hub_online
 
     if hub_offline_flag() or env_flag("HF_DATASETS_OFFLINE") or hub_online():
         return

@@ -14,6 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
 from pipeline import loading as L
+from pipeline import model_cache as MC
+from pipeline import model_files as MF
 from pipeline.config import ModelCfg
 from pipeline.errors import LangpruneError
 from tests.tiny import tiny_model
@@ -170,7 +172,7 @@ def fake_reader(monkeypatch):
         model.hf_quantizer = object()
         return model, ByT5Tokenizer()
 
-    monkeypatch.setattr(L, "read_gguf", read)
+    monkeypatch.setattr(MC, "read_gguf", read)
     return calls
 
 
@@ -188,9 +190,9 @@ def test_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, fake_reader
     assert len(fake_reader) == 1
     assert first.kind == second.kind == "gguf"
     (entry,) = (cache / "models").iterdir()
-    sha = L.file_sha256(path)
+    sha = MF.file_sha256(path)
     assert entry.name == f"model-{sha[:16]}"
-    marker = json.loads((entry / L.CACHE_MARKER).read_text())
+    marker = json.loads((entry / MC.CACHE_MARKER).read_text())
     assert marker["sha256"] == sha and marker["dtype"] == "float32"
     assert "quantization_config" not in json.loads((entry / "config.json").read_text())
     for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
@@ -208,17 +210,17 @@ def test_changed_gguf_content_gets_a_new_cache_entry(tmp_path, fake_reader):
 def test_interrupted_conversion_leaves_no_half_cache(tmp_path, fake_reader, monkeypatch):
     path = gguf_file(tmp_path)
     cache = tmp_path / "cache"
-    original = L._save_dequantised
+    original = MC._save_dequantised
 
     def save_then_die(model, tokenizer, folder):
         original(model, tokenizer, folder)  # weights written, marker not yet
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(L, "_save_dequantised", save_then_die)
+    monkeypatch.setattr(MC, "_save_dequantised", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         L.load_model(cfg(str(path), model_cache=str(cache)))
     assert list((cache / "models").iterdir()) == []  # neither the entry nor a temp folder
-    monkeypatch.setattr(L, "_save_dequantised", original)
+    monkeypatch.setattr(MC, "_save_dequantised", original)
     assert L.load_model(cfg(str(path), model_cache=str(cache))).kind == "gguf"
     assert len(fake_reader) == 2
 
@@ -226,7 +228,7 @@ def test_interrupted_conversion_leaves_no_half_cache(tmp_path, fake_reader, monk
 def test_incomplete_cache_entry_is_replaced(tmp_path, fake_reader):
     path = gguf_file(tmp_path)
     cache = tmp_path / "cache"
-    stale = cache / "models" / f"model-{L.file_sha256(path)[:16]}"
+    stale = cache / "models" / f"model-{MF.file_sha256(path)[:16]}"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{broken")
     L.load_model(cfg(str(path), model_cache=str(cache)))
@@ -247,9 +249,9 @@ def test_embedded_package_is_keyed_on_its_declared_checksum(tmp_path, fake_reade
 
     pkg.assemble = assemble
     monkeypatch.setitem(sys.modules, "fake_gguf_pkg", pkg)
-    spec = L.EmbeddedModel("fake-1m", "fake_gguf_pkg", "fake-gguf-pkg", "a test model")
-    folder, sha = L.embedded_folder(spec, tmp_path)
-    again, _ = L.embedded_folder(spec, tmp_path)
+    spec = MC.EmbeddedModel("fake-1m", "fake_gguf_pkg", "fake-gguf-pkg", "a test model")
+    folder, sha = MC.embedded_folder(spec, tmp_path)
+    again, _ = MC.embedded_folder(spec, tmp_path)
     assert folder == again == tmp_path / "models" / f"fake-1m-{'ab' * 8}"
     assert sha == "ab" * 32
     assert len(assembled) == len(fake_reader) == 1  # the second call neither assembles nor converts
@@ -257,9 +259,9 @@ def test_embedded_package_is_keyed_on_its_declared_checksum(tmp_path, fake_reade
 
 
 def test_missing_embedded_package_names_the_install(tmp_path):
-    spec = L.EmbeddedModel("nope", "no_such_module_xyz", "no-such-pkg", "")
+    spec = MC.EmbeddedModel("nope", "no_such_module_xyz", "no-such-pkg", "")
     with pytest.raises(LangpruneError, match="needs the package no-such-pkg"):
-        L.embedded_folder(spec, tmp_path)
+        MC.embedded_folder(spec, tmp_path)
 
 
 def test_default_alias_is_registered():
