@@ -63,7 +63,7 @@ def search_(*items: str) -> list[str]:
 
 
 CASES = [
-    # ---- config values (pipeline/config.py) -------------------------------------------------
+    # ---- config values (pipeline/config/) -------------------------------------------------
     Case("unknown-calib-language", main_("calib_lang=xx"), "'xx'", sub=True),
     Case("unknown-eval-language", main_("eval_langs=de,qq"), "'qq'"),
     Case("unknown-method", main_("method=wandaa"), "'wandaa'"),
