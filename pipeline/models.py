@@ -246,6 +246,19 @@ def output_only_modules(model: nn.Module) -> list[nn.Module]:
     return [out]
 
 
+def set_weight(weight: torch.Tensor, pruned: torch.Tensor) -> None:
+    """Make ``pruned`` the values of ``weight``: adopted when it is a separate tensor of the
+    same layout (a copy would cost a pass over the matrix: 0.27 s of a 1.1 s Wanda prune of
+    Gemma 3 270M on one CPU thread), else copied in."""
+    old = weight.data
+    if (pruned.data_ptr() != old.data_ptr() and pruned.shape == old.shape
+            and pruned.dtype == old.dtype and pruned.device == old.device
+            and pruned.is_contiguous() and old.is_contiguous()):
+        weight.data = pruned.detach()
+    else:
+        old.copy_(pruned)
+
+
 class DenseSnapshot:
     """A CPU copy of every decoder-layer weight, to restore the dense model between prunes.
 

@@ -124,22 +124,10 @@ def _prune_module(
     weight = module.weight  # checked for NaN/Inf before any work (_validate_linears)
     outcome = run.pruner.prune(weight.data, stat, run.target)
     record = record_module(index, full_name, weight.data, outcome)
-    _store(weight, outcome.weight)
+    models.set_weight(weight, outcome.weight)
     run.result.masks[full_name] = pack_mask(outcome.mask)
     return record
 
-
-def _store(weight: Tensor, pruned: Tensor) -> None:
-    """Make ``pruned`` the values of ``weight``: adopted when it is a separate tensor of the
-    same layout (a copy would cost a pass over the matrix: 0.27 s of a 1.1 s Wanda prune of
-    Gemma 3 270M on one CPU thread), else copied in."""
-    old = weight.data
-    if (pruned.data_ptr() != old.data_ptr() and pruned.shape == old.shape
-            and pruned.dtype == old.dtype and pruned.device == old.device
-            and pruned.is_contiguous() and old.is_contiguous()):
-        weight.data = pruned.detach()
-    else:
-        old.copy_(pruned)
 
 
 def _accumulate(

@@ -62,3 +62,20 @@ def test_move_tensors_skips_layers_and_keeps_ties():
     assert model.model.embed_tokens.weight.device.type == "meta"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(p.device.type == "cpu" for p in layers.parameters())
+
+
+def test_set_weight_adopts_a_separate_tensor_and_copies_anything_else():
+    import torch
+
+    from pipeline.models import set_weight
+
+    lin = torch.nn.Linear(4, 3, bias=False)
+    param = lin.weight
+    fresh = torch.arange(12.0).reshape(3, 4)
+    set_weight(param, fresh)
+    assert lin.weight is param and param.data_ptr() == fresh.data_ptr()  # adopted, no copy
+    transposed = torch.ones(4, 3).t()  # not contiguous: copied into place
+    set_weight(param, transposed)
+    assert param.data_ptr() == fresh.data_ptr() and torch.equal(param, torch.ones(3, 4))
+    set_weight(param, param.data.mul_(2))  # the weight itself: nothing to do but keep it
+    assert torch.equal(param, torch.full((3, 4), 2.0))
