@@ -24,6 +24,7 @@ from analysis.report_summary import render_html, render_markdown, summary_blocks
 from analysis.report_tables import (
     Group,
     ReportInputs,
+    analysis_groups,
     dense_reference,
     groups,
     has_metric,
@@ -159,16 +160,17 @@ def lsar_files(inputs: ReportInputs, folder: Path) -> list[Path]:
     if lsar is None:
         return []
     files = [write_csv(lsar, folder / "lsar.csv")]
-    for method in sorted(set(lsar["method"])):
-        for part in ("agnostic", "specific"):
+    for group, part in analysis_groups(lsar, inputs.runs):
+        method, name = group.method, f"{group.method}{group.suffix}"
+        for kind in ("agnostic", "specific"):
             files.append(plots.grouped_bars(
-                _bars(lsar, method, part), folder / f"lsar_{part}_{method}.png",
-                ylabel=f"mean |change| of the {part} part",
-                title=f"LSAR {part} change, {method} (mean over layers)"))
+                _bars(part, method, kind), folder / f"lsar_{kind}_{name}.png",
+                ylabel=f"mean |change| of the {kind} part",
+                title=f"LSAR {kind} change, {group.label} (mean over layers)"))
             files.append(plots.layer_lines(
-                _layer_series(lsar, method, part), folder / f"lsar_{part}_layers_{method}.png",
-                ylabel=f"mean |change| of the {part} part",
-                title=f"LSAR {part} change per layer, {method} (mean over eval languages)"))
+                _layer_series(part, method, kind), folder / f"lsar_{kind}_layers_{name}.png",
+                ylabel=f"mean |change| of the {kind} part",
+                title=f"LSAR {kind} change per layer, {group.label} (mean over eval languages)"))
     return files
 
 
@@ -178,21 +180,23 @@ def lape_files(inputs: ReportInputs, folder: Path) -> list[Path]:
     if lape is None:
         return []
     files = [write_csv(lape, folder / "lape.csv")]
-    for method in sorted(set(lape["method"])):
-        rows = inputs.runs[inputs.runs["method"] == method].sort_values(["calib_lang", "calib_set"])
+    for group, part in analysis_groups(lape, inputs.runs):
+        method, name = group.method, f"{group.method}{group.suffix}"
+        rows = group.rows(inputs.runs).sort_values(["calib_lang", "calib_set"])
         first = rows.drop_duplicates("calib_lang")  # one calibration set per language
         pruned = {r.calib_lang: inputs.lape_scores[r.run_id] for r in first.itertuples()
                   if r.run_id in inputs.lape_scores}
         if "dense" in inputs.lape_scores and pruned:
             files.append(plots.lape_histograms(
-                inputs.lape_scores["dense"], pruned, folder / f"lape_hist_{method}.png",
-                title=f"LAPE of FFN neurons: dense vs {method} (by calibration language)"))
-        removed = _bars(lape.rename(columns={"lang": "eval_lang"}), method, "removed_fraction")
+                inputs.lape_scores["dense"], pruned, folder / f"lape_hist_{name}.png",
+                title=f"LAPE of FFN neurons: dense vs {group.label} (by calibration language)"))
+        removed = _bars(part.rename(columns={"lang": "eval_lang"}), method, "removed_fraction")
         files.append(plots.grouped_bars(
-            removed, folder / f"lape_removed_{method}.png",
-            baseline=inputs.sparsity.get(method), baseline_label="sparsity",
+            removed, folder / f"lape_removed_{name}.png",
+            baseline=group.sparsity if group.sparsity is not None
+            else inputs.sparsity.get(method), baseline_label="sparsity",
             ylabel="weights of the language's specific neurons pruned",
-            title=f"LAPE neurons removed by the mask, {method}"))
+            title=f"LAPE neurons removed by the mask, {group.label}"))
     return files
 
 
@@ -202,11 +206,13 @@ def snr_files(inputs: ReportInputs, folder: Path) -> list[Path]:
     if snr is None:
         return []
     files = [write_csv(snr, folder / "snr.csv")]
-    for method in sorted(set(snr["method"])):
+    for group, part in analysis_groups(snr, inputs.runs):
+        name = f"{group.method}{group.suffix}"
         for kind in ("local", "accumulated"):
             files.append(plots.layer_lines(
-                snr_layer_series(snr, method, kind), folder / f"snr_{kind}_{method}.png",
-                ylabel="SNR (dB)", title=f"{kind} SNR of the pruning error per layer, {method}"))
+                snr_layer_series(part, group.method, kind), folder / f"snr_{kind}_{name}.png",
+                ylabel="SNR (dB)",
+                title=f"{kind} SNR of the pruning error per layer, {group.label}"))
     return files
 
 

@@ -19,6 +19,7 @@ from analysis.report_compare import Compared
 from analysis.report_tables import (
     Finding,
     ReportInputs,
+    analysis_groups,
     groups,
     has_metric,
     metric_matrix,
@@ -164,36 +165,40 @@ def _own_vs_other(
 def _analysis_sections(inputs: ReportInputs) -> list[Block]:
     blocks: list[Block] = []
     if inputs.lsar is not None:
-        items = []
-        for m in sorted(set(inputs.lsar["method"])):
-            own_a, other_a = _own_vs_other(inputs.lsar, m, "eval_lang", "agnostic")
-            own_s, other_s = _own_vs_other(inputs.lsar, m, "eval_lang", "specific")
-            items.append(f"{m}: mean change of the agnostic part {_fmt(own_a, '.4g')} when "
-                         f"calibrating on the evaluation language vs {_fmt(other_a, '.4g')} "
-                         f"otherwise; specific part {_fmt(own_s, '.4g')} vs {_fmt(other_s, '.4g')}")
-            items += RA.lsar_sentences(inputs.runs, m, inputs.eval_langs)
+        items, imgs = [], []
+        for group, part in analysis_groups(inputs.lsar, inputs.runs):
+            m, name = group.method, f"{group.method}{group.suffix}"
+            own_a, other_a = _own_vs_other(part, m, "eval_lang", "agnostic")
+            own_s, other_s = _own_vs_other(part, m, "eval_lang", "specific")
+            items.append(f"{group.label}: mean change of the agnostic part {_fmt(own_a, '.4g')} "
+                         f"when calibrating on the evaluation language vs "
+                         f"{_fmt(other_a, '.4g')} otherwise; specific part "
+                         f"{_fmt(own_s, '.4g')} vs {_fmt(other_s, '.4g')}")
+            items += RA.lsar_sentences(group.rows(inputs.runs), m, inputs.eval_langs)
+            imgs += [("img", (f"LSAR {p}, {group.label}", f"lsar_{p}_{name}.png"))
+                     for p in ("agnostic", "specific")]
         blocks += [("h2", "LSAR: language-agnostic and language-specific subspaces"), ("ul", items)]
-        blocks += [("img", (f"LSAR {p}, {m}", f"lsar_{p}_{m}.png"))
-                   for m in sorted(set(inputs.lsar["method"])) for p in ("agnostic", "specific")]
+        blocks += imgs
     if inputs.lape is not None:
-        items = []
-        for m in sorted(set(inputs.lape["method"])):
-            own, other = _own_vs_other(inputs.lape, m, "lang", "removed_fraction")
-            jac = inputs.lape[inputs.lape["method"] == m]["jaccard"]
-            items.append(f"{m}: the mask removes {_fmt(own, '.3f')} of the weights of a "
-                         f"language's specific neurons when calibrating on that language vs "
+        items, imgs = [], []
+        for group, part in analysis_groups(inputs.lape, inputs.runs):
+            m, name = group.method, f"{group.method}{group.suffix}"
+            own, other = _own_vs_other(part, m, "lang", "removed_fraction")
+            jac = part["jaccard"]
+            items.append(f"{group.label}: the mask removes {_fmt(own, '.3f')} of the weights of "
+                         f"a language's specific neurons when calibrating on that language vs "
                          f"{_fmt(other, '.3f')} for other calibration languages; dense vs pruned "
                          f"neuron sets overlap (Jaccard) {_fmt(float(jac.mean()), '.3f')} "
                          "on average")
-            items += RA.lape_sentences(inputs.runs, m, inputs.eval_langs)
+            items += RA.lape_sentences(group.rows(inputs.runs), m, inputs.eval_langs)
+            if "dense" in inputs.lape_scores:
+                imgs.append(("img", (f"LAPE, {group.label}", f"lape_hist_{name}.png")))
         blocks += [("h2", "LAPE: language-specific neurons"), ("ul", items)]
-        blocks += [("img", (f"LAPE, {m}", f"lape_hist_{m}.png"))
-                   for m in sorted(set(inputs.lape["method"]))
-                   if "dense" in inputs.lape_scores]
+        blocks += imgs
     if inputs.snr is not None:
         blocks += [("h2", "SNR of the pruning error"), ("ul", _snr_items(inputs))]
-        blocks += [("img", (f"SNR, {m}", f"snr_accumulated_{m}.png"))
-                   for m in sorted(set(inputs.snr["method"]))]
+        blocks += [("img", (f"SNR, {g.label}", f"snr_accumulated_{g.method}{g.suffix}.png"))
+                   for g, _ in analysis_groups(inputs.snr, inputs.runs)]
     return blocks
 
 
@@ -201,15 +206,16 @@ def _snr_items(inputs: ReportInputs) -> list[str]:
     items: list[str] = []
     if inputs.snr is None:
         return items
-    for m in sorted(set(inputs.snr["method"])):
-        final = {c: v[-1] for c, v in snr_layer_series(inputs.snr, m, "accumulated").items() if v}
+    for group, part in analysis_groups(inputs.snr, inputs.runs):
+        m = group.method
+        final = {c: v[-1] for c, v in snr_layer_series(part, m, "accumulated").items() if v}
         if not final:
             continue
         lo = min(final, key=lambda c: (final[c], c))
         hi = max(final, key=lambda c: (final[c], c))
-        items.append(f"{m}: accumulated SNR after the last layer from {final[lo]:.2f} dB "
-                     f"(calibrated on {lo}) to {final[hi]:.2f} dB (on {hi})")
-        items += RA.snr_sentences(inputs.runs, m, inputs.eval_langs)
+        items.append(f"{group.label}: accumulated SNR after the last layer from "
+                     f"{final[lo]:.2f} dB (calibrated on {lo}) to {final[hi]:.2f} dB (on {hi})")
+        items += RA.snr_sentences(group.rows(inputs.runs), m, inputs.eval_langs)
     return items
 
 

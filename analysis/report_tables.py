@@ -151,6 +151,18 @@ def groups(runs: pd.DataFrame) -> list[Group]:
     return out
 
 
+def analysis_groups(table: pd.DataFrame, runs: pd.DataFrame) -> list[tuple[Group, pd.DataFrame]]:
+    """The rows of a per-run analysis table (run keys first) split like the matrices: per
+    method, or per method and sparsity on a grid, so a figure never pools 20% and 50%
+    masks. The ``method`` column is kept; groups without rows are left out."""
+    out = []
+    for group in groups(runs):
+        part = table[table["run_id"].isin(set(group.rows(runs)["run_id"]))]
+        if len(part):
+            out.append((group, part))
+    return out
+
+
 def metric_matrix(
     runs: pd.DataFrame, method: str | Group, prefix: str, langs: Sequence[str]
 ) -> pd.DataFrame:

@@ -62,3 +62,14 @@ def test_report_has_one_matrix_per_sparsity_with_the_blend_row(env):
         assert set(ppl.index) == {"de", "sw", "de+sw", "dense"}  # dense: the reference row
         assert (folder / f"iou_wanda_s{s}.csv").is_file()
     assert (folder / "sparsity_wanda.png").stat().st_size > 0
+
+
+def test_analysis_figures_keep_the_sparsities_apart(env):
+    folder = env["report"]
+    for s in ("0.2", "0.5"):
+        for name in (f"lsar_agnostic_wanda_s{s}.png", f"lape_removed_wanda_s{s}.png",
+                     f"snr_accumulated_wanda_s{s}.png"):
+            assert (folder / name).stat().st_size > 0, name
+    assert not (folder / "snr_accumulated_wanda.png").exists()  # no figure pools 20% and 50%
+    summary = (folder / "summary.md").read_text()
+    assert "snr_accumulated_wanda_s0.2.png" in summary and "wanda, sparsity 0.5:" in summary
