@@ -75,6 +75,7 @@ def sparsity_lines(
     path: str | Path,
     *,
     reference: Mapping[str, float] | None = None,
+    intervals: Mapping[str, Mapping[str, Mapping[float, tuple[float, float]]]] | None = None,
     title: str = "",
 ) -> Path:
     """One panel per metric: score against sparsity, one line per calibration row.
@@ -83,6 +84,7 @@ def sparsity_lines(
         panels: Metric (panel title) -> calibration row -> sparsity -> value.
         path: PNG to write.
         reference: Metric -> the dense value, drawn as a dashed horizontal line.
+        intervals: Like ``panels`` with ``(low, high)``: drawn as error bars on the points.
         title: Figure title.
 
     Returns:
@@ -92,10 +94,20 @@ def sparsity_lines(
     with _figure(3.4 * max(1, len(names)), 3.4) as fig:
         axes = np.atleast_1d(fig.subplots(1, max(1, len(names)), squeeze=False)[0])
         for ax, name in zip(axes, names):
-            for row, points in panels[name].items():
+            rows = list(panels[name].items())
+            span = max((max(p) - min(p) for _, p in rows if p), default=0.0) or 1.0
+            for i, (row, points) in enumerate(rows):
                 xs = sorted(points)
-                ax.plot(xs, _finite([points[s] for s in xs]), marker="o", markersize=3,
-                        linewidth=1.2, label=str(row))
+                ys = _finite([points[s] for s in xs])
+                line = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=str(row))
+                bands = (intervals or {}).get(name, {}).get(row, {})
+                if bands:  # dodged sideways a little so the rows' bars do not hide each other
+                    lows = _finite([bands.get(s, (np.nan, np.nan))[0] for s in xs])
+                    highs = _finite([bands.get(s, (np.nan, np.nan))[1] for s in xs])
+                    dodge = (i - (len(rows) - 1) / 2) * 0.012 * span
+                    ax.errorbar(np.asarray(xs) + dodge, ys,
+                                yerr=[np.maximum(ys - lows, 0), np.maximum(highs - ys, 0)],
+                                fmt="none", ecolor=line[0].get_color(), elinewidth=0.8, capsize=2)
             if reference and name in reference:
                 ax.axhline(reference[name], color="black", linestyle="--", linewidth=1,
                            label="dense")

@@ -33,6 +33,7 @@ from analysis.report_tables import (
     snr_layer_series,
     write_csv,
 )
+from analysis.scores import mean_over_parts_interval
 
 # ---- figures ---------------------------------------------------------------------------------
 
@@ -109,21 +110,44 @@ def sparsity_files(inputs: ReportInputs, folder: Path) -> list[Path]:
     metrics = ["ppl", *[t for t in inputs.tasks if has_metric(inputs.runs, t, langs)]]
     for method in sorted({g.method for g in groups(inputs.runs) if g.sparsity is not None}):
         runs = inputs.runs[inputs.runs["method"] == method]
-        panels, reference = {}, {}
+        panels, reference, bands = {}, {}, {}
         for metric in metrics:
             table = runs.assign(score=_mean_over_langs(runs, metric, langs))
             means = table.groupby(["calib_lang", "sparsity"], sort=True)["score"].mean()
             panels[f"{metric} (mean over eval languages)"] = {
                 str(row): {float(s): float(v) for (_, s), v in part.items()}
                 for row, part in means.groupby(level="calib_lang", sort=True)}
+            bands[f"{metric} (mean over eval languages)"] = _sparsity_bands(
+                inputs, runs, metric, langs)
             dense = dense_reference(inputs.dense, metric, langs)
             if dense:
                 reference[f"{metric} (mean over eval languages)"] = float(np.mean(list(
                     dense.values())))
         files.append(plots_intervals.sparsity_lines(
-            panels, folder / f"sparsity_{method}.png", reference=reference,
-            title=f"{method}: scores against sparsity per calibration row"))
+            panels, folder / f"sparsity_{method}.png", reference=reference, intervals=bands,
+            title=f"{method}: scores against sparsity per calibration row "
+                  "(95% bootstrap intervals)"))
     return files
+
+
+def _sparsity_bands(inputs: ReportInputs, runs: pd.DataFrame, metric: str,
+                    langs: Sequence[str]) -> dict[str, dict[float, tuple[float, float]]]:
+    """Per calibration row and sparsity: the interval of the mean over evaluation languages
+    (and calibration sets), from the runs' perplexity windows or task documents."""
+    records = inputs.ppl_windows if metric == "ppl" else inputs.task_docs
+    if records is None:
+        return {}
+    if metric != "ppl":
+        records = records[records["task"] == metric]
+    out: dict[str, dict[float, tuple[float, float]]] = {}
+    for (row, s), cell in runs.groupby(["calib_lang", "sparsity"], sort=True):
+        mine = records[records["run_id"].isin(set(cell["run_id"])) & records["lang"].isin(langs)]
+        parts = [(g["nll_sum"].to_numpy(), g["n_tokens"].to_numpy()) if metric == "ppl"
+                 else g["correct"].to_numpy() for _, g in mine.groupby(["run_id", "lang"])]
+        if parts:
+            out.setdefault(str(row), {})[float(s)] = mean_over_parts_interval(
+                parts, "ppl" if metric == "ppl" else "acc")
+    return out
 
 
 def iou_files(inputs: ReportInputs, folder: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 from analysis.paired import paired_perplexity
@@ -89,6 +90,33 @@ def ppl_ratio_interval_metrics(windows: pd.DataFrame, dense_windows: pd.DataFram
         out[f"ppl_ratio.{lang}.ci95_low"] = ratio.low
         out[f"ppl_ratio.{lang}.ci95_high"] = ratio.high
     return out
+
+
+def mean_over_parts_interval(parts: list, kind: str, *, resamples: int = 1000, seed: int = 0,
+                             confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean over independent parts (e.g. one per run and
+    evaluation language) of each part's score, every part resampled on its own units:
+    ``kind="acc"``: a part is its documents' correct flags (score: accuracy);
+    ``kind="ppl"``: a part is ``(nll_sum, n_tokens)`` of its windows (score: perplexity).
+    For figures that show a mean over languages; comparisons between runs are paired
+    elsewhere (:mod:`analysis.paired`)."""
+    if not parts:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    for part in parts:
+        if kind == "acc":
+            x = np.asarray(part, dtype=float)
+            total += x[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+        elif kind == "ppl":
+            nll, tok = (np.asarray(a, dtype=float) for a in part)
+            idx = rng.integers(0, len(nll), (resamples, len(nll)))
+            total += np.exp(nll[idx].sum(axis=1) / tok[idx].sum(axis=1))
+        else:
+            raise ValueError(f"kind must be 'acc' or 'ppl', got {kind!r}")
+    tail = (1.0 - confidence) / 2
+    boot = total / len(parts)
+    return float(np.quantile(boot, tail)), float(np.quantile(boot, 1.0 - tail))
 
 
 def _cell(metrics: Mapping[str, float], key: str, digits: int) -> str:

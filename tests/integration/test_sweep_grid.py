@@ -73,3 +73,18 @@ def test_analysis_figures_keep_the_sparsities_apart(env):
     assert not (folder / "snr_accumulated_wanda.png").exists()  # no figure pools 20% and 50%
     summary = (folder / "summary.md").read_text()
     assert "snr_accumulated_wanda_s0.2.png" in summary and "wanda, sparsity 0.5:" in summary
+
+
+def test_the_sparsity_plot_has_an_interval_on_every_point(env, tmp_path):
+    from analysis.report import _sparsity_bands
+    from jobs.report import read_inputs
+
+    inputs = read_inputs(env["sweep"], tmp_path)
+    bands = _sparsity_bands(inputs, inputs.runs, "ppl", ["de", "sw"])
+    assert set(bands) == {"de", "sw", "de+sw"}
+    for row, points in bands.items():
+        assert set(points) == {0.2, 0.5}
+        runs = inputs.runs[inputs.runs["calib_lang"] == row]
+        for s, (low, high) in points.items():
+            value = runs[runs["sparsity"] == s][["ppl.de", "ppl.sw"]].to_numpy().mean()
+            assert low <= value <= high and low < high, (row, s)

@@ -77,3 +77,19 @@ def test_ppl_ratio_interval_is_paired_over_the_shared_windows():
     # Windows that do not pair (another tokenizer) get no interval.
     other = dense.assign(n_tokens=99)
     assert scores.ppl_ratio_interval_metrics(pruned, other) == {}
+
+
+def test_mean_over_parts_interval_brackets_the_mean_and_narrows_with_more_units():
+    rng = np.random.default_rng(2)
+    small = [rng.random(40) < p for p in (0.3, 0.7)]
+    large = [rng.random(4000) < p for p in (0.3, 0.7)]
+    for parts in (small, large):
+        low, high = scores.mean_over_parts_interval(parts, "acc")
+        assert low < np.mean([p.mean() for p in parts]) < high
+    width = [np.subtract(*scores.mean_over_parts_interval(p, "acc")[::-1]) for p in (small, large)]
+    assert width[1] < width[0] / 5
+    nll = rng.uniform(300, 500, size=20)
+    low, high = scores.mean_over_parts_interval([(nll, np.full(20, 100.0))], "ppl")
+    assert low < float(np.exp(nll.sum() / 2000)) < high
+    with pytest.raises(ValueError, match="kind"):
+        scores.mean_over_parts_interval(small, "bleu")
