@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from analysis import iou as I
 from analysis import plots
 from analysis.keys import SweepRun
+from analysis.report_tables import Group
 from pipeline.masks import PackedMask, read_metadata
 
 
@@ -78,8 +79,8 @@ def intra_inter_by_layer(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 def iou_groups(members: Sequence[SweepRun]) -> tuple[dict[str, str], dict[str, float]]:
-    """The runs whose masks are compared: one group per method, or per method and sparsity
-    where a method has several (a sparsity grid), named as the report's matrices are
+    """The runs whose masks are compared: the report's matrix groups (:class:`Group`, one
+    per method, or per method and sparsity where a method has several), so that names match
     (``wanda``, ``wanda_s0.5``). Returns ``(group name by run id, sparsity by group)``."""
     by_method: dict[str, set[float]] = {}
     for m in members:
@@ -88,8 +89,8 @@ def iou_groups(members: Sequence[SweepRun]) -> tuple[dict[str, str], dict[str, f
     sparsity: dict[str, float] = {}
     for m in members:
         s = float(m.params.get("sparsity", "nan"))
-        name = m.method if len(by_method[m.method]) == 1 else f"{m.method}_s{s:g}"
-        names[m.run_id], sparsity[name] = name, s
+        group = Group(m.method, s if len(by_method[m.method]) > 1 else None)
+        names[m.run_id], sparsity[group.name] = group.name, s
     return names, sparsity
 
 

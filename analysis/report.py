@@ -77,7 +77,7 @@ def ppl_and_task_files(inputs: ReportInputs, folder: Path,
     files: list[Path] = []
     langs = list(inputs.eval_langs)
     for group in groups(inputs.runs):
-        name = f"{group.method}{group.suffix}"
+        name = group.name
         ppl = metric_matrix(inputs.runs, group, "ppl", langs)
         files += _matrix_files(folder, f"ppl_{name}", ppl, f"perplexity, {group.label}\n"
                                "lower is better, * best calibration", "min",
@@ -185,7 +185,7 @@ def lsar_files(inputs: ReportInputs, folder: Path) -> list[Path]:
         return []
     files = [write_csv(lsar, folder / "lsar.csv")]
     for group, part in analysis_groups(lsar, inputs.runs):
-        method, name = group.method, f"{group.method}{group.suffix}"
+        method, name = group.method, group.name
         for kind in ("agnostic", "specific"):
             files.append(plots.grouped_bars(
                 _bars(part, method, kind), folder / f"lsar_{kind}_{name}.png",
@@ -205,7 +205,7 @@ def lape_files(inputs: ReportInputs, folder: Path) -> list[Path]:
         return []
     files = [write_csv(lape, folder / "lape.csv")]
     for group, part in analysis_groups(lape, inputs.runs):
-        method, name = group.method, f"{group.method}{group.suffix}"
+        method, name = group.method, group.name
         rows = group.rows(inputs.runs).sort_values(["calib_lang", "calib_set"])
         first = rows.drop_duplicates("calib_lang")  # one calibration set per language
         pruned = {r.calib_lang: inputs.lape_scores[r.run_id] for r in first.itertuples()
@@ -231,7 +231,7 @@ def snr_files(inputs: ReportInputs, folder: Path) -> list[Path]:
         return []
     files = [write_csv(snr, folder / "snr.csv")]
     for group, part in analysis_groups(snr, inputs.runs):
-        name = f"{group.method}{group.suffix}"
+        name = group.name
         for kind in ("local", "accumulated"):
             files.append(plots.layer_lines(
                 snr_layer_series(part, group.method, kind), folder / f"snr_{kind}_{name}.png",

@@ -129,7 +129,7 @@ def _metric_section(inputs: ReportInputs, prefix: str, title: str, better: str, 
             blocks.append(("ul", others))
         if margins:
             blocks += [("p", "Where the target language is best:"), ("ul", margins)]
-        name = f"{group.method}{group.suffix}"
+        name = group.name
         blocks.append(("img", (f"{title}, {group.label}", f"{prefix}_{name}.png")))
         if prefix != "ppl":
             blocks.append(("img", (f"{title} with intervals, {group.label}",
@@ -167,7 +167,7 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
     if inputs.lsar is not None:
         items, imgs = [], []
         for group, part in analysis_groups(inputs.lsar, inputs.runs):
-            m, name = group.method, f"{group.method}{group.suffix}"
+            m, name = group.method, group.name
             own_a, other_a = _own_vs_other(part, m, "eval_lang", "agnostic")
             own_s, other_s = _own_vs_other(part, m, "eval_lang", "specific")
             items.append(f"{group.label}: mean change of the agnostic part {_fmt(own_a, '.4g')} "
@@ -182,7 +182,7 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
     if inputs.lape is not None:
         items, imgs = [], []
         for group, part in analysis_groups(inputs.lape, inputs.runs):
-            m, name = group.method, f"{group.method}{group.suffix}"
+            m, name = group.method, group.name
             own, other = _own_vs_other(part, m, "lang", "removed_fraction")
             jac = part["jaccard"]
             items.append(f"{group.label}: the mask removes {_fmt(own, '.3f')} of the weights of "
@@ -197,7 +197,7 @@ def _analysis_sections(inputs: ReportInputs) -> list[Block]:
         blocks += imgs
     if inputs.snr is not None:
         blocks += [("h2", "SNR of the pruning error"), ("ul", _snr_items(inputs))]
-        blocks += [("img", (f"SNR, {g.label}", f"snr_accumulated_{g.method}{g.suffix}.png"))
+        blocks += [("img", (f"SNR, {g.label}", f"snr_accumulated_{g.name}.png"))
                    for g, _ in analysis_groups(inputs.snr, inputs.runs)]
     return blocks
 

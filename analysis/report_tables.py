@@ -77,6 +77,7 @@ class Group:
         method: The pruning method.
         sparsity: The target sparsity, or None when the method has a single one.
         suffix: File-name suffix, ``""`` or e.g. ``"_s0.5"``.
+        name: ``method`` + ``suffix``, e.g. ``wanda_s0.5``.
         label: Human-readable, e.g. ``wanda`` or ``wanda, sparsity 0.5``.
     """
 
@@ -86,6 +87,11 @@ class Group:
     @property
     def suffix(self) -> str:
         return "" if self.sparsity is None else f"_s{self.sparsity:g}"
+
+    @property
+    def name(self) -> str:
+        """The group in file and metric names: ``wanda`` or ``wanda_s0.5``."""
+        return f"{self.method}{self.suffix}"
 
     @property
     def label(self) -> str:

@@ -67,10 +67,12 @@ def _lape_scores(run_id: str, path: str, dst: Path) -> np.ndarray | None:
     return counts_file_scores(local).numpy().reshape(-1)
 
 
-def iou_inputs(sweep: RT.Sweep) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
-    """The parent's IoU matrices (language x language, per method) and intra/inter summary."""
+def iou_inputs(sweep: RT.Sweep, names: Sequence[str]
+               ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
+    """The parent's IoU matrices (language x language, per IoU group ``names``: a method, or
+    a method at one sparsity) and intra/inter summary."""
     matrices = {}
-    for method in sorted(set(iou_groups(sweep.members)[0].values())):
+    for method in sorted(set(names)):
         table = RT.read_csv_artifact(sweep.run_id, f"{RT.IOU_DIR}/matrix_{method}.csv")
         if table is not None:
             matrices[method] = RI.iou_matrix(table)
@@ -88,7 +90,8 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
     for m in sweep.members:
         if (run_scores := _lape_scores(m.run_id, RT.LAPE_COUNTS, workdir)) is not None:
             scores[m.run_id] = run_scores
-    iou, iou_summary = iou_inputs(sweep)
+    names, group_sparsity = iou_groups(sweep.members)
+    iou, iou_summary = iou_inputs(sweep, list(names.values()))
     return ReportInputs(
         sweep_run=sweep.run_id,
         runs=RI.runs_table(sweep.members, frame),
@@ -96,7 +99,7 @@ def read_inputs(sweep: RT.Sweep, workdir: Path) -> ReportInputs:
         eval_langs=split_list(sweep.params.get("eval_langs", "")),
         tasks=split_list(sweep.params.get("tasks", "")),
         sparsity={**{m.method: float(m.params.get("sparsity", "nan")) for m in sweep.members},
-                  **iou_groups(sweep.members)[1]},  # by method and by IoU group
+                  **group_sparsity},  # by method and by IoU group
         iou=iou,
         iou_summary=iou_summary,
         snr=member_tables(sweep, RT.SNR_TABLE),
