@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.config import COMMAND_DEFAULTS, SECTIONS, Config, canonical
 from pipeline.errors import LangpruneError
+from pipeline.host_memory import keep_freed_memory
 from tracking.launch import launched_experiment_id, launched_run_id
 from tracking.reliability import apply_http_retry_defaults
 
@@ -307,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobs.console import configure_logging, verbose_requested
 
     configure_logging(verbose_requested(args.verbose))
+    keep_freed_memory()  # before any tensor work (pipeline.host_memory: why, and how to opt out)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     apply_http_retry_defaults()  # ride out a tracking server restart (README "Reliability")
     signal.signal(signal.SIGTERM, _on_signal)

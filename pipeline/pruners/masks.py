@@ -144,14 +144,17 @@ def select_mask(
 def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite.
 
-    A NaN or Inf anywhere makes the float64 sum NaN or Inf, so a finite sum proves the tensor
-    finite in one reduction; only a non-finite sum (or an overflowing one) needs the
-    element-wise check. On one CPU thread this is ~20x faster than ``isfinite(t).all()``
-    (0.35 vs 7.9 ms for a 2048 x 768 float32 matrix), and the engine checks every weight.
+    A NaN or Inf anywhere makes the sum NaN or Inf (in any accumulation type), so a finite sum
+    proves the tensor finite in one reduction; only a non-finite sum (a bad entry, or an
+    overflowing sum of large ones) needs the element-wise check. The sum runs in float32
+    (float64 for float64 tensors): on one CPU thread 0.2 ms for a 2048 x 640 float32 matrix,
+    against 1.0 ms summed in float64 and ~8 ms for ``isfinite(t).all()``; the engine checks
+    every weight.
     """
     if not t.is_floating_point():
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -174,10 +177,16 @@ def zero_where(weight: Tensor, mask: Tensor) -> Tensor:
 
 
 def count_true(t: Tensor) -> int:
-    """Number of non-zero (for bool: True) entries; numpy on the CPU, 2-5x faster there."""
-    if t.device.type == "cpu" and t.dtype in (torch.bool, torch.float32, torch.float64,
-                                              torch.float16):
+    """Number of non-zero (for bool: True) entries; numpy on the CPU, 2-5x faster there.
+
+    For floats numpy counts the ``== 0`` mask (bytes) and subtracts: 0.3 ms for a 2048 x 640
+    float32 matrix against 0.9 ms for ``count_nonzero`` on the floats themselves (-0.0 counts
+    as zero and NaN as non-zero either way).
+    """
+    if t.device.type == "cpu" and t.dtype == torch.bool:
         return int(np.count_nonzero(t.detach().numpy()))
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
+        return t.numel() - int(np.count_nonzero(t.detach().numpy() == 0))
     return int(torch.count_nonzero(t))
 
 

@@ -456,6 +456,15 @@ def test_all_finite_agrees_with_isfinite_even_when_the_sum_overflows():
     assert masks_mod.all_finite(torch.arange(5))  # integer tensors are finite
 
 
+def test_count_true_agrees_with_count_nonzero_on_signed_zeros_and_nan():
+    w = torch.randn(33, 17)
+    w[w.abs() < 0.3] = 0.0
+    w[0, :4] = -0.0  # a negative zero is a zero
+    w[1, 2], w[2, 3] = float("nan"), float("inf")  # both are non-zero
+    for t in (w, w.double(), w.half(), w.bfloat16(), w > 0):
+        assert masks_mod.count_true(t) == int(torch.count_nonzero(t)), t.dtype
+
+
 def test_taking_the_hessian_factors_the_same_without_a_copy():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 64, 40, generator=gen)
