@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -67,6 +67,25 @@ def discover_input_groups(
         stop = (order[last], order[: last + 1].count(order[last]))
         groups.append(InputGroup(tuple(names), last, stop))
     return groups
+
+
+def discover_groups(
+    layer: nn.Module, linears: Mapping[str, nn.Module], candidates: Sequence[LayerInput],
+    index: int,
+) -> list[InputGroup]:
+    """:func:`discover_input_groups` on the first of ``candidates`` that calls every linear.
+
+    The driver passes a probe of a few tokens first (its forward costs ~1/100 of a
+    calibration batch's; the grouping is the code's, not the data's) and a real batch last,
+    for layers that skip a linear on so few tokens (a mixture-of-experts router sending them
+    to some experts only). The last candidate's error is the one raised.
+    """
+    for inp in candidates[:-1]:
+        try:
+            return discover_input_groups(layer, linears, inp, index)
+        except LangpruneError:
+            continue
+    return discover_input_groups(layer, linears, candidates[-1], index)
 
 
 @contextmanager

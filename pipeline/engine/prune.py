@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline import models
-from pipeline.engine.groups import InputGroup, discover_input_groups, input_hooks
+from pipeline.engine.groups import InputGroup, discover_groups, input_hooks
 from pipeline.engine.inputs import (
     LayerInput,
     _calibration_mode,
@@ -41,6 +41,7 @@ from pipeline.sparsity import ModuleSparsity, record_module
 
 log = logging.getLogger(__name__)
 
+PROBE_TOKENS = 16  # tokens of the input on which a layer's groups are discovered
 LayerDoneCallback = Callable[[int, list[ModuleSparsity]], None]
 
 
@@ -89,6 +90,7 @@ class _Run:
     # discovery forward.
     groups: dict[tuple[Any, ...], list[InputGroup]] = field(default_factory=dict)
     layer_targets: list[SparsityTarget] = field(default_factory=list)
+    probe: LayerInput | None = None  # a few tokens of one window, to discover groups cheaply
 
     def tick(self, key: str, since: float) -> float:
         _sync(self.device)
@@ -127,7 +129,6 @@ def _prune_module(
     models.set_weight(weight, outcome.weight)
     run.result.masks[full_name] = pack_mask(outcome.mask)
     return record
-
 
 
 def _accumulate(
@@ -217,12 +218,15 @@ def _prune_calibrated_layer(
     key = (type(layer), tuple(linears))
     if key not in run.groups:
         t = time.perf_counter()
-        run.groups[key] = discover_input_groups(layer, linears, inputs[0], index)
+        candidates = [inputs[0]] if run.probe is None else [run.probe, inputs[0]]
+        run.groups[key] = discover_groups(layer, linears, candidates, index)
         run.tick("statistics", t)
     groups = run.groups[key]
-    if not true_sequential:
-        return _prune_groups(run, layer, inputs, index, prefix, groups)
-    return _prune_sequential(run, layer, inputs, index, prefix, groups)
+    prune = _prune_sequential if true_sequential else _prune_groups
+    records = prune(run, layer, inputs, index, prefix, groups)
+    if run.probe is not None:  # the probe follows the batches down the (pruned) stack
+        run.probe.hidden_states = run.probe.call(layer, index)
+    return records
 
 
 def _prune_sequential(
@@ -358,6 +362,8 @@ def prune_layerwise(
             t = time.perf_counter()
             with _embedding_placement(model, layers, run.device, offload):
                 inputs = _capture(model, layers, windows, batch_size, run.device, progress)
+                probe = windows[:1, :PROBE_TOKENS]
+                run.probe = _capture(model, layers, probe, 1, run.device, False)[0]
             run.tick("capture", t)
             run.result.n_windows, run.result.n_tokens = windows.shape[0], windows.numel()
         _walk_layers(run, layers, prefix, inputs, offload, true_sequential, on_layer_done)

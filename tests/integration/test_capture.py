@@ -16,6 +16,7 @@ from pipeline.engine import (
     discover_input_groups,
     layerwise_forward,
 )
+from pipeline.engine.prune import PROBE_TOKENS
 from pipeline.errors import LangpruneError
 from pipeline.models import decoder_layers, find_linears
 from pipeline.pruners import ColumnSquares, Hessian, LayerPruner, PruneOutcome, SparsityTarget
@@ -71,9 +72,12 @@ def test_noop_driver_feeds_every_layer_the_models_own_hidden_states(family):
     for i, calls in seen.items():
         expected = hs[i].split(2)  # layer i's input is hidden_states[i] (layer i-1's output)
         assert len(calls) >= len(expected)
-        for x in calls:
+        for x in calls:  # a batch, or the group-discovery probe: the first tokens of window 0
             assert any(x.shape == e.shape and torch.allclose(x, e, atol=1e-6, rtol=1e-5)
-                       for e in expected), f"layer {i} got an input the dense model never made"
+                       for e in expected) or (
+                x.shape[:2] == (1, min(PROBE_TOKENS, expected[0].shape[1]))
+                and torch.allclose(x, expected[0][:1, :x.shape[1]], atol=1e-6, rtol=1e-5)
+            ), f"layer {i} got an input the dense model never made"
     assert len(result.masks) == sum(len(find_linears(layer)) for layer in layers)
     assert all(pm.count() == 0 for pm in result.masks.values())
 
@@ -408,11 +412,12 @@ def test_one_pass_sequential_equals_re_running_the_layer_per_group(monkeypatch, 
     one_pass = prune_layerwise(one_pass_model, tiny_windows(6), method, HALF, device=CPU,
                                batch_size=2, progress=False, sparsegpt_blocksize=16,
                                true_sequential=True)
-    passes = {"n": 0}
+    passes = {"n": 0, "probe": 0}
     real_call = prune_mod.LayerInput.call
 
     def counting(self, layer, index, hidden_states=None):
-        passes["n"] += 1
+        # batches hold 2 windows; the group-discovery probe is a few tokens of 1 window
+        passes["n" if self.hidden_states.shape[0] > 1 else "probe"] += 1
         return real_call(self, layer, index, hidden_states)
 
     monkeypatch.setattr(prune_mod, "_prune_sequential", rerun)
@@ -433,12 +438,43 @@ def test_one_pass_sequential_equals_re_running_the_layer_per_group(monkeypatch, 
     n_layers = len(decoder_layers(one_pass_model))
     # the re-run reference is still patched in: groups + 1 calls per batch and layer
     assert passes["n"] > 3 * n_layers * 2
-    passes["n"] = 0
+    passes.update(n=0, probe=0)
     monkeypatch.undo()
     monkeypatch.setattr(prune_mod.LayerInput, "call", counting)
     prune_layerwise(tiny_model(family), tiny_windows(6), method, HALF, device=CPU,
                     batch_size=2, progress=False, sparsegpt_blocksize=16,
                     true_sequential=True)
-    discovery = 1  # one forward finds the input groups of each layer kind
+    # the probe finds the input groups of each layer kind, and follows the batches down
     kinds = len({type(layer) for layer in decoder_layers(one_pass_model)})
-    assert passes["n"] == 3 * n_layers + discovery * kinds
+    assert passes["n"] == 3 * n_layers
+    assert passes["probe"] == kinds + n_layers
+
+
+def test_groups_come_from_the_probe_unless_it_skips_a_linear():
+    """A layer that calls a linear only on longer inputs (as an MoE router may skip an expert
+    on a few tokens) gets its groups from the real batch; others from the probe."""
+    from pipeline.engine.groups import discover_groups
+    from pipeline.engine.inputs import LayerInput
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = self.a(x)
+            return self.b(x) if x.shape[1] > 3 else x
+
+    layer = Layer()
+    probe = LayerInput(torch.randn(1, 2, 4), [()], [{}])
+    batch = LayerInput(torch.randn(2, 8, 4), [()], [{}])
+    linears = {"a": layer.a, "b": layer.b}
+    seen = []
+    layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    groups = discover_groups(layer, linears, [probe, batch], 0)
+    assert [g.names for g in groups] == [("a",), ("b",)] and seen == [2, 8]
+    seen.clear()
+    assert [g.names for g in discover_groups(layer, {"a": layer.a}, [probe, batch], 0)] == [("a",)]
+    assert seen == [2]  # the probe was enough
+    with pytest.raises(LangpruneError, match="b never ran"):
+        discover_groups(layer, linears, [probe, probe], 0)
